@@ -1,0 +1,449 @@
+"""Light-pollution (sky background) model and removal, after seed 000.
+
+Light pollution is a smooth tint over the frame; stars are small bright dots. The model:
+
+1. Cut the image into a grid of patches (about 1/8 of the shorter side each).
+2. In every patch, flag "probably star" pixels: more than ``star_sigma`` standard deviations
+   above the patch's background, re-estimated ``mask_iterations`` times from the pixels not yet
+   flagged (sigma clipping). The background of a patch is its current weighted least-squares
+   plane rather than a flat mean, so a steep gradient across a patch does not itself get
+   flagged. The flags are dilated so star halos stay out of the fit.
+3. Extended objects (nebulae, galaxies) are faint per pixel but coherent: they are found on a
+   smoothed residual after a first fit and added to the mask.
+4. Per patch, fit a linear gradient ``a + b*x + c*y`` by weighted least squares, solving the 3x3
+   normal equations ``(X^T W X) beta = X^T W y`` for all patches at once. Patches with too few
+   background pixels take their coefficients from their neighbours.
+5. Blend: the coefficient fields are bilinearly interpolated between patch centres (global pixel
+   coordinates) and ``a + b*x + c*y`` is evaluated per pixel. Because each patch model is linear,
+   this equals a partition-of-unity blend of the neighbouring planes, so the model is smooth.
+
+Limitation: a nebula much larger than a patch, or one that fills most of the frame, cannot be
+told apart from light pollution by this local model; the extended-object mask helps when the
+nebula covers a few patches and leaves sky around it, but a frame-filling nebula will be partly
+subtracted.
+
+Images are float arrays (H, W) or (C, H, W), in any linear unit (ADU); the model has the unit of
+the image. NaN pixels are ignored by the fit and stay NaN in the corrected image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import NightstackError
+
+# Below this fraction of usable pixels a patch's own fit is not trusted.
+MIN_BACKGROUND_FRACTION = 0.2
+# Rounds of "fit a bump-free model, flag coherent excess" for extended objects.
+EXTENDED_ROUNDS = 3
+# Half-width (in patches) of the median filter that removes a nebula's bump from the patch
+# planes. Wider windows remove bigger nebulae but also flatten a curved sky, which then gets
+# flagged as "extended object" (tried: 2 masks the bright corner of als_m27_asi224mc).
+ROBUST_HALF_PATCHES = 1
+
+
+@dataclass
+class BackgroundConfig:
+    """Settings of the light-pollution model (pixel units)."""
+
+    patch_px: int = 0  # 0 = auto: about 1/8 of the shorter image side, at least 32 px
+    star_sigma: float = 2.0  # more than this many sigma above the patch background = "probably star"
+    mask_iterations: int = 3
+    dilate_px: int = 2  # grow the star mask so halos do not bias the fit
+    extended_sigma: float = 3.0  # threshold on the smoothed residual that flags nebulae
+    extended_smooth_px: int = 0  # box size for the nebula search; 0 = auto (patch / 6, >= 5 px)
+    min_background_fraction: float = MIN_BACKGROUND_FRACTION
+
+
+def background_config_from_dict(d) -> BackgroundConfig:
+    """Build a BackgroundConfig from a config mapping (None -> defaults); unknown keys are fatal."""
+    d = dict(d or {})
+    known = {f.name: f.type for f in fields(BackgroundConfig)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise NightstackError(f"background: unknown setting(s) {', '.join(unknown)}")
+    cfg = BackgroundConfig()
+    for name, value in d.items():
+        default = getattr(cfg, name)
+        try:
+            setattr(cfg, name, type(default)(value))
+        except (TypeError, ValueError) as exc:
+            raise NightstackError(f"background: {name} must be a number, got {value!r}") from exc
+    if cfg.patch_px < 0 or cfg.dilate_px < 0 or cfg.mask_iterations < 1 or cfg.star_sigma <= 0:
+        raise NightstackError(
+            "background: patch_px and dilate_px must be >= 0, mask_iterations >= 1, star_sigma > 0"
+        )
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Patch grid
+
+
+@dataclass(frozen=True)
+class _PatchGrid:
+    """A regular grid of ny x nx patches of py x px pixels covering an (H, W) image (padded)."""
+
+    height: int
+    width: int
+    ny: int
+    nx: int
+    py: int
+    px: int
+
+    @property
+    def centres_y(self) -> np.ndarray:
+        return np.arange(self.ny) * self.py + (self.py - 1) / 2.0
+
+    @property
+    def centres_x(self) -> np.ndarray:
+        return np.arange(self.nx) * self.px + (self.px - 1) / 2.0
+
+    def blocks(self, image2d: np.ndarray, fill) -> np.ndarray:
+        """(H, W) -> (ny, nx, py, px) copy, the padding filled with ``fill``."""
+        pad = ((0, self.ny * self.py - self.height), (0, self.nx * self.px - self.width))
+        padded = np.pad(image2d, pad, constant_values=fill)
+        return padded.reshape(self.ny, self.py, self.nx, self.px).transpose(0, 2, 1, 3)
+
+    def unblock(self, blocks: np.ndarray) -> np.ndarray:
+        """(ny, nx, py, px) -> (H, W), dropping the padding."""
+        full = blocks.transpose(0, 2, 1, 3).reshape(self.ny * self.py, self.nx * self.px)
+        return full[: self.height, : self.width]
+
+
+def _auto_patch_px(shape, patch_px: int) -> int:
+    if patch_px > 0:
+        return int(patch_px)
+    return max(32, int(round(min(shape) / 8)))
+
+
+def _patch_grid(shape, patch_px: int) -> _PatchGrid:
+    """Patches close to ``patch_px`` square whose padding is less than one patch row/column."""
+    height, width = shape
+    p = _auto_patch_px(shape, patch_px)
+    ny = max(1, int(round(height / p)))
+    nx = max(1, int(round(width / p)))
+    return _PatchGrid(height, width, ny, nx, -(-height // ny), -(-width // nx))
+
+
+# --------------------------------------------------------------------------------------------
+# Batched weighted least-squares planes
+
+
+def _fit_planes(blocks, weights, min_fraction: float):
+    """Weighted LSQ plane per patch in patch-local coordinates (centre = 0).
+
+    blocks, weights: (ny, nx, py, px) float/bool; NaN in blocks must have weight 0.
+    Returns (coef (ny, nx, 3) = level at the patch centre, x-slope, y-slope per px;
+    ok (ny, nx) bool = enough background pixels for a trustworthy fit).
+    """
+    _, _, py, px = blocks.shape
+    u = np.arange(px) - (px - 1) / 2.0  # local x
+    v = np.arange(py) - (py - 1) / 2.0  # local y
+    w = weights.astype(np.float32)
+    y = np.where(weights, blocks, 0).astype(np.float32)
+    wy = w * y
+    # Row/column marginals make every moment a cheap small contraction.
+    w_rows, w_cols = w.sum(axis=3, dtype=np.float64), w.sum(axis=2, dtype=np.float64)
+    wy_rows, wy_cols = wy.sum(axis=3, dtype=np.float64), wy.sum(axis=2, dtype=np.float64)
+    s_1 = w_rows.sum(axis=2)
+    s_u = w_cols @ u
+    s_v = w_rows @ v
+    s_uu = w_cols @ (u * u)
+    s_vv = w_rows @ (v * v)
+    s_uv = np.einsum("abij,i,j->ab", w, v, u, dtype=np.float64)
+    s_y = wy_rows.sum(axis=2)
+    s_uy = wy_cols @ u
+    s_vy = wy_rows @ v
+    normal = np.stack(
+        [
+            np.stack([s_1, s_u, s_v], axis=-1),
+            np.stack([s_u, s_uu, s_uv], axis=-1),
+            np.stack([s_v, s_uv, s_vv], axis=-1),
+        ],
+        axis=-2,
+    )
+    rhs = np.stack([s_y, s_uy, s_vy], axis=-1)
+    ok = s_1 >= min_fraction * px * py
+    # Keep the solve well posed for empty patches; their result is discarded via ``ok``.
+    normal[~ok] = np.diag([1.0, 1.0, 1.0])
+    rhs[~ok] = 0.0
+    # Sky in a single row or column cannot fix both slopes.
+    det = np.linalg.det(normal)
+    scale = normal[..., 0, 0] * normal[..., 1, 1] * normal[..., 2, 2]
+    singular = ~(det > 1e-9 * scale)
+    normal[singular] = np.diag([1.0, 1.0, 1.0])
+    rhs[singular] = 0.0
+    coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
+    return coef, ok & ~singular
+
+
+def _plane_blocks(coef, py: int, px: int) -> np.ndarray:
+    """Evaluate per-patch local planes on their own pixels: (ny, nx, py, px) float32."""
+    u = (np.arange(px) - (px - 1) / 2.0).astype(np.float32)
+    v = (np.arange(py) - (py - 1) / 2.0).astype(np.float32)
+    c = coef.astype(np.float32)
+    return (
+        c[..., 0, None, None]
+        + c[..., 1, None, None] * u[None, None, None, :]
+        + c[..., 2, None, None] * v[None, None, :, None]
+    )
+
+
+def _fill_from_neighbours(coef, ok):
+    """Give patches without a trusted fit the average of their trusted neighbours, repeatedly.
+
+    Averaging happens on centred coefficients (level at the patch's own centre, slopes), so a
+    neighbour's slope is not extrapolated across patches.
+    """
+    if ok.all():
+        return coef
+    if not ok.any():
+        raise NightstackError("background: no patch has enough sky pixels to fit a gradient")
+    coef = np.where(ok[..., None], coef, 0.0)
+    known = ok.copy()
+    kernel = np.ones((3, 3))
+    while not known.all():
+        weight = ndimage.convolve(known.astype(float), kernel, mode="constant")
+        total = np.stack(
+            [ndimage.convolve(coef[..., k] * known, kernel, mode="constant") for k in range(3)],
+            axis=-1,
+        )
+        newly = ~known & (weight > 0)
+        coef[newly] = total[newly] / weight[newly, None]
+        known |= newly
+    return coef
+
+
+def _interp_matrix(n_out: int, centres: np.ndarray) -> np.ndarray:
+    """(n_out, n_centres) bilinear weights from patch centres to pixels, clamped at the ends."""
+    pos = np.clip(np.interp(np.arange(n_out), centres, np.arange(len(centres))), 0, len(centres) - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, len(centres) - 1)
+    frac = pos - lo
+    m = np.zeros((n_out, len(centres)))
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, lo), 1.0 - frac)
+    np.add.at(m, (rows, hi), frac)
+    return m
+
+
+def _blend_planes(coef, grid: _PatchGrid) -> np.ndarray:
+    """Smooth (H, W) float32 model from per-patch centred planes.
+
+    Each plane is rewritten in global coordinates (a + b*x + c*y); the three coefficient fields
+    are bilinearly interpolated between patch centres (separably: Wy @ F @ Wx^T) and evaluated.
+    """
+    yc, xc = np.meshgrid(grid.centres_y, grid.centres_x, indexing="ij")
+    a = coef[..., 0] - coef[..., 1] * xc - coef[..., 2] * yc
+    wy = _interp_matrix(grid.height, grid.centres_y)
+    wx = _interp_matrix(grid.width, grid.centres_x)
+
+    def field(f):
+        return ((wy @ f) @ wx.T).astype(np.float32)
+
+    x = np.arange(grid.width, dtype=np.float32)[None, :]
+    y = np.arange(grid.height, dtype=np.float32)[:, None]
+    model = field(a)
+    model += field(coef[..., 1]) * x
+    model += field(coef[..., 2]) * y
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Masks
+
+
+def _as_2d(image2d) -> np.ndarray:
+    img = np.asarray(image2d, dtype=np.float32)
+    if img.ndim != 2:
+        raise NightstackError(f"background: expected a 2-D image, got shape {img.shape}")
+    if not np.isfinite(img).any():
+        raise NightstackError("background: image has no finite pixels")
+    return img
+
+
+def _disk(radius_px: int) -> np.ndarray:
+    r = np.arange(-radius_px, radius_px + 1)
+    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius_px**2 + 0.5
+
+
+def _point_source_mask(img, grid: _PatchGrid, cfg: BackgroundConfig) -> np.ndarray:
+    """Per-patch sigma clipping of pixels above the patch plane, then dilation: (H, W) bool."""
+    blocks = grid.blocks(img, np.nan)
+    valid = np.isfinite(blocks)
+    use = valid
+    star = np.zeros_like(valid)
+    for _ in range(cfg.mask_iterations):
+        # Any-count fit here: the stats only need some pixels, the fraction rule is for the model.
+        coef, _ = _fit_planes(blocks, use, min_fraction=0.0)
+        resid = np.where(valid, blocks - _plane_blocks(coef, grid.py, grid.px), 0.0)
+        n = np.maximum(use.sum(axis=(2, 3)), 1)
+        std = np.sqrt((np.where(use, resid, 0.0) ** 2).sum(axis=(2, 3), dtype=np.float64) / n)
+        star = valid & (resid > cfg.star_sigma * std[..., None, None])
+        use = valid & ~star
+    mask = grid.unblock(star)
+    if cfg.dilate_px > 0:
+        # At 2 sigma about 2 % of pure sky pixels are flagged; growing each of them would mask
+        # half the sky. Only connected groups (real stars have FWHM >= 2 px) get halos grown.
+        neighbours = ndimage.convolve(mask.astype(np.uint8), np.ones((3, 3), np.uint8), mode="constant")
+        grouped = mask & (neighbours >= 2)
+        mask |= ndimage.binary_dilation(grouped, structure=_disk(cfg.dilate_px))
+    return mask
+
+
+def _smooth_px(grid: _PatchGrid, cfg: BackgroundConfig) -> int:
+    if cfg.extended_smooth_px > 0:
+        return int(cfg.extended_smooth_px)
+    return max(5, int(round(min(grid.py, grid.px) / 6)))
+
+
+def _extended_mask(residual, usable, size_px: int, sigma: float) -> np.ndarray:
+    """Coherent positive structure in a background-subtracted image: (H, W) bool.
+
+    The residual is box-smoothed over the usable pixels only (normalised convolution), so
+    masked stars do not leak in; the threshold is ``sigma`` times the robust spread of the
+    smoothed sky.
+    """
+    w = usable.astype(np.float32)
+    r = np.where(usable, residual, 0.0).astype(np.float32)
+    num = ndimage.uniform_filter(r, size_px, mode="nearest")
+    den = ndimage.uniform_filter(w, size_px, mode="nearest")
+    smooth = np.where(den > 0.25, num / np.maximum(den, 1e-6), np.nan)
+    sky = smooth[np.isfinite(smooth)]
+    if sky.size < 16:
+        return np.zeros_like(usable)
+    med = np.median(sky)
+    spread = 1.4826 * np.median(np.abs(sky - med))
+    if not spread > 0:
+        return np.zeros_like(usable)
+    found = np.nan_to_num(smooth, nan=-np.inf) > med + sigma * spread
+    # The box blurs edges inward; grow back by half a box so nebula wings stay masked
+    # (a box-filter dilation: cost independent of the size, unlike binary_dilation).
+    grown = ndimage.uniform_filter(found.astype(np.float32), size_px | 1, mode="constant")
+    return grown > 0.5 / (size_px | 1) ** 2
+
+
+def _robust_patch_planes(img, grid: _PatchGrid, mask, cfg: BackgroundConfig) -> np.ndarray:
+    """Patch planes with single-patch bumps (a nebula) removed: (ny, nx, 3) centred coefficients.
+
+    Each coefficient field is 3x3 median filtered over the patch grid. The grid is padded by
+    odd reflection, which continues a linear trend, so gradients reaching the border survive.
+    """
+    blocks = grid.blocks(img, np.nan)
+    use = grid.blocks(~mask, False) & np.isfinite(blocks)
+    coef, ok = _fit_planes(blocks, use, cfg.min_background_fraction)
+    if not ok.any():
+        coef, ok = _fit_planes(blocks, use, 0.0)
+        ok &= use.any(axis=(2, 3))
+    coef = _fill_from_neighbours(coef, ok)
+    h = ROBUST_HALF_PATCHES
+    if min(coef.shape[:2]) < 2 * h + 1:
+        return coef  # too few patches to tell a bump from the sky
+    smooth = np.empty_like(coef)
+    for k in range(3):
+        padded = np.pad(coef[..., k], h, mode="reflect", reflect_type="odd")
+        smooth[..., k] = ndimage.median_filter(padded, size=2 * h + 1)[h:-h, h:-h]
+    return smooth
+
+
+def star_mask(image2d, cfg: BackgroundConfig | None = None) -> np.ndarray:
+    """True where a pixel is probably a star or an extended object (not sky).
+
+    image2d: (H, W) float, any linear unit. Returns (H, W) bool. Non-finite pixels are True.
+    """
+    cfg = cfg or BackgroundConfig()
+    img = _as_2d(image2d)
+    grid = _patch_grid(img.shape, cfg.patch_px)
+    mask = _point_source_mask(img, grid, cfg) | ~np.isfinite(img)
+    extended = np.zeros_like(mask)
+    # Each round masks more of a nebula, so fewer patches are biased by it in the next.
+    for _ in range(EXTENDED_ROUNDS):
+        model = _blend_planes(_robust_patch_planes(img, grid, mask | extended, cfg), grid)
+        extended |= _extended_mask(img - model, ~mask, _smooth_px(grid, cfg), cfg.extended_sigma)
+    return mask | extended
+
+
+# --------------------------------------------------------------------------------------------
+# Model and removal
+
+
+def _model_from_mask(img, grid: _PatchGrid, mask, cfg: BackgroundConfig) -> np.ndarray:
+    blocks = grid.blocks(img, np.nan)
+    use = grid.blocks(~mask, False) & np.isfinite(blocks)
+    coef, ok = _fit_planes(blocks, use, cfg.min_background_fraction)
+    if not ok.any():
+        # Too crowded for the fraction rule everywhere: use whatever sky there is.
+        coef, ok = _fit_planes(blocks, use, 0.0)
+        ok &= use.any(axis=(2, 3))
+    coef = _fill_from_neighbours(coef, ok)
+    return _blend_planes(coef, grid)
+
+
+def fit_background(image2d, cfg: BackgroundConfig | None = None, mask=None) -> np.ndarray:
+    """Smooth light-pollution model of one channel.
+
+    image2d: (H, W) float, any linear unit. mask: optional (H, W) bool, True = not sky
+    (default: ``star_mask(image2d, cfg)``). Returns the model, (H, W) float32, same unit.
+    """
+    cfg = cfg or BackgroundConfig()
+    img = _as_2d(image2d)
+    if mask is None:
+        mask = star_mask(img, cfg)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != img.shape:
+        raise NightstackError(f"background: mask shape {mask.shape} != image shape {img.shape}")
+    grid = _patch_grid(img.shape, cfg.patch_px)
+    return _model_from_mask(img, grid, mask | ~np.isfinite(img), cfg)
+
+
+def remove_background(image, cfg: BackgroundConfig | None = None, keep_level: bool = True):
+    """Subtract the light-pollution model from each channel separately.
+
+    image: (H, W) or (C, H, W) float, linear. Each channel gets its own model so a coloured glow
+    leaves no tint; the star mask is shared, found on the channel mean (more signal). With
+    ``keep_level`` each channel's median model level is added back, so the sky stays at a
+    positive pedestal and noise statistics stay meaningful.
+    Returns (corrected, model), both float32 with the input's shape.
+    """
+    cfg = cfg or BackgroundConfig()
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim not in (2, 3):
+        raise NightstackError(f"background: expected (H, W) or (C, H, W), got shape {img.shape}")
+    channels = img[None] if img.ndim == 2 else img
+    with np.errstate(invalid="ignore"):
+        luminance = np.nanmean(channels, axis=0) if len(channels) > 1 else channels[0]
+    mask = star_mask(luminance, cfg)
+    model = np.stack([fit_background(ch, cfg, mask=mask) for ch in channels])
+    corrected = channels - model
+    if keep_level:
+        corrected += np.median(model.reshape(len(model), -1), axis=1)[:, None, None]
+    if img.ndim == 2:
+        return corrected[0], model[0]
+    return corrected, model
+
+
+def large_scale_residual(image2d, block_px: int = 64, mask=None) -> float:
+    """Spread of the sky's large-scale level: p95 - p5 of the block medians of the sky pixels.
+
+    image2d: (H, W) float; block_px: block side (px); mask: (H, W) bool, True = not sky
+    (default: ``star_mask`` with default settings). Blocks with under half their pixels usable
+    are skipped; trailing partial blocks are dropped. Returns the spread in the image's unit.
+    """
+    img = _as_2d(image2d)
+    if mask is None:
+        mask = star_mask(img)
+    ny, nx = img.shape[0] // block_px, img.shape[1] // block_px
+    if ny < 1 or nx < 1:
+        raise NightstackError(f"background: image {img.shape} smaller than one {block_px} px block")
+    sky = np.where(np.asarray(mask, dtype=bool), np.nan, img)[: ny * block_px, : nx * block_px]
+    blocks = sky.reshape(ny, block_px, nx, block_px).transpose(0, 2, 1, 3).reshape(ny, nx, -1)
+    enough = np.isfinite(blocks).sum(axis=2) >= block_px * block_px / 2
+    if enough.sum() < 2:
+        raise NightstackError("background: too few sky blocks to measure the residual")
+    medians = np.nanmedian(blocks[enough], axis=1)
+    p5, p95 = np.percentile(medians, [5, 95])
+    return float(p95 - p5)

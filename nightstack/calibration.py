@@ -1,0 +1,799 @@
+"""Master calibration frames, bad-pixel repair, calibration of one light, and demosaicing.
+
+All calibration happens on the raw mosaic (CFA or mono, ADU) before demosaicing:
+
+    light - bias (or camera black level) - dark current (scaled by exposure) -> / flat
+    -> repair hot (master dark), cold (flat) and per-frame outlier pixels, NaN/inf
+    -> demosaic (Malvar-He-Cutler 2004) -> (3, H, W); mono stays (1, H, W).
+
+A CFA pattern is the 4-letter colour string of the top-left 2x2 cell ("RGGB", ...).
+"Same-colour neighbours" are 2 pixels away in a Bayer mosaic and 1 pixel away in mono data.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import FrameError, NightstackError
+from .loading import BAYER_PATTERNS, RawFrame
+
+MASTER_KINDS = ("bias", "dark", "flat", "darkflat")
+DEFAULT_CONFIG = {
+    "hot_sigma": 8.0,
+    "cold_threshold": 0.5,
+    "outlier_sigma": 10.0,
+    "repair_outliers": True,
+}
+MAD_TO_SIGMA = 1.4826
+# A lone spike must be at least this many times further above the background than its
+# brightest immediate neighbour; a star core shares its light with its neighbours.
+OUTLIER_PEAK_RATIO = 4.0
+# Undersampled bright stars (FWHM ~1.5 px) reach peak/neighbour ratios of 5-9, so once the
+# neighbour itself is clearly above the noise the spike must stand out by this much more.
+OUTLIER_BRIGHT_PEAK_RATIO = 10.0
+OUTLIER_NEIGHBOUR_NOISE_SIGMAS = 5.0
+COMBINE_BAND_BYTES = 32 * 1024 * 1024
+BACKGROUND_BLOCK_PX = 16
+
+
+# =========================================================================== data classes
+
+
+@dataclass
+class Master:
+    """A combined calibration frame.
+
+    ``data`` is float32 with the shape of the light mosaic. Bias, dark and darkflat masters
+    are in raw ADU, offset included (a dark still contains the bias). A flat is offset-
+    subtracted and normalised so each CFA colour's median is 1; ``bad_pixels`` lists the
+    pixels whose flat response was zero, negative or NaN (set to 1 in ``data``).
+    """
+
+    kind: str
+    data: np.ndarray
+    cfa_pattern: str | None
+    exptime_s: float | None
+    n_frames: int
+    temperature_c: float | None
+    bad_pixels: np.ndarray | None = None
+    _mask_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def cached_mask(self, key, compute) -> np.ndarray:
+        """Compute a bad-pixel mask derived from this master once per ``key``."""
+        if key not in self._mask_cache:
+            self._mask_cache[key] = compute()
+        return self._mask_cache[key]
+
+
+@dataclass
+class CalibratedFrame:
+    """A calibrated, demosaiced light: float32 (3, H, W) colour or (1, H, W) mono."""
+
+    data: np.ndarray
+    notes: list[str]
+    n_repaired: int
+    meta: dict
+
+
+# =========================================================================== CFA helpers
+
+
+def _check_pattern(cfa_pattern: str | None) -> str | None:
+    if cfa_pattern is None:
+        return None
+    pattern = str(cfa_pattern).strip().upper()
+    if pattern not in BAYER_PATTERNS:
+        raise NightstackError(f"unsupported CFA pattern {cfa_pattern!r} (use RGGB, BGGR, GRBG or GBRG)")
+    return pattern
+
+
+def colour_planes(shape, cfa_pattern) -> list[tuple[str, tuple]]:
+    """(colour letter, index) for each same-colour sub-image of an image of ``shape``.
+
+    A Bayer mosaic gives its four 2x2 phases ("G" twice); mono (H, W) gives one plane "L";
+    colour (C, H, W) gives one plane per channel ("R", "G", "B").
+    """
+    pattern = _check_pattern(cfa_pattern)
+    if len(shape) == 3:
+        return [("RGB"[c] if shape[0] == 3 else str(c), (c, Ellipsis)) for c in range(shape[0])]
+    if pattern is None:
+        return [("L", (Ellipsis,))]
+    return [
+        (pattern[2 * dy + dx], (slice(dy, None, 2), slice(dx, None, 2)))
+        for dy in range(2)
+        for dx in range(2)
+    ]
+
+
+def _same_colour_step(cfa_pattern) -> int:
+    return 2 if cfa_pattern is not None else 1
+
+
+def _size_text(shape) -> str:
+    """'WxH' (FITS NAXIS1 x NAXIS2 order), with the plane count for colour data."""
+    text = f"{shape[-1]}x{shape[-2]}"
+    return f"{text}x{shape[0]}" if len(shape) == 3 else text
+
+
+# =========================================================================== robust statistics
+
+
+def _nanmedian_axis0(values: np.ndarray) -> np.ndarray:
+    """Median along axis 0 ignoring NaN, by one sort (NaN sorts last); NaN where all are NaN."""
+    ordered = np.sort(values, axis=0)
+    n_valid = values.shape[0] - np.count_nonzero(np.isnan(values), axis=0)
+    lo = np.clip((n_valid - 1) // 2, 0, None)
+    hi = np.clip(n_valid // 2, 0, None)
+    low = np.take_along_axis(ordered, lo[None], axis=0)[0]
+    high = np.take_along_axis(ordered, hi[None], axis=0)[0]
+    median = 0.5 * (low + high)
+    median[n_valid == 0] = np.nan
+    return median
+
+
+def _clipped_mean_band(band: np.ndarray, sigma: float, iterations: int) -> np.ndarray:
+    """Sigma-clipped mean along axis 0 of a float32 (N, M) band (modified in place).
+
+    Centre is the median; spread is 1.4826 * MAD, or the standard deviation where the MAD
+    is 0 (quantised data with few frames).
+    """
+    for _ in range(iterations):
+        centre = _nanmedian_axis0(band)
+        deviation = np.abs(band - centre)
+        spread = MAD_TO_SIGMA * _nanmedian_axis0(deviation)
+        flat_spots = ~(spread > 0)
+        if np.any(flat_spots):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                spread[flat_spots] = np.nanstd(band[:, flat_spots], axis=0)
+        reject = deviation > sigma * spread
+        if not reject.any():
+            break
+        band[reject] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(band, axis=0)
+
+
+def robust_combine(stack, sigma: float = 3.0, iterations: int = 3) -> np.ndarray:
+    """Sigma-clipped mean along axis 0 of N equal-shape frames -> float32 array of one frame.
+
+    ``stack`` is an (N, ...) array or a sequence of N equal-shape arrays (e.g. memory maps),
+    so callers need not hold one big copy. Work runs in bands of pixels so the extra memory
+    stays within a few times one band (~32 MB) whatever N and the frame size. NaN inputs
+    are ignored; a pixel NaN in every frame stays NaN.
+    """
+    frames = [np.asarray(f) for f in stack] if not isinstance(stack, np.ndarray) else stack
+    n_frames = len(frames)
+    if n_frames == 0:
+        raise NightstackError("robust_combine needs at least one frame")
+    shape = tuple(frames[0].shape)
+    if any(tuple(f.shape) != shape for f in frames):
+        raise NightstackError("robust_combine: frames differ in shape")
+    flat_views = [f.reshape(-1) for f in frames]
+    n_pixels = flat_views[0].size
+    result = np.empty(n_pixels, dtype=np.float32)
+    band_px = max(1024, COMBINE_BAND_BYTES // (4 * n_frames))
+    for start in range(0, n_pixels, band_px):
+        stop = min(start + band_px, n_pixels)
+        band = np.empty((n_frames, stop - start), dtype=np.float32)
+        for i, view in enumerate(flat_views):
+            band[i] = view[start:stop]
+        if n_frames >= 3:
+            result[start:stop] = _clipped_mean_band(band, sigma, iterations)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                result[start:stop] = np.nanmean(band, axis=0)
+    return result.reshape(shape)
+
+
+def _robust_sigma(values: np.ndarray) -> float:
+    """1.4826 * MAD of the finite values, falling back to their std when the MAD is 0."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0
+    mad = float(np.median(np.abs(finite - np.median(finite))))
+    if mad > 0:
+        return MAD_TO_SIGMA * mad
+    return float(np.std(finite))
+
+
+def _block_background(plane: np.ndarray, block: int = BACKGROUND_BLOCK_PX) -> np.ndarray:
+    """Smooth background of a 2D plane: medians of block x block tiles, bilinearly upsampled.
+
+    Follows gradients, vignetting and amp glow while ignoring single pixels and small stars.
+    """
+    height, width = plane.shape
+    block = max(1, min(block, height, width))
+    n_y, n_x = height // block, width // block
+    tiles = plane[: n_y * block, : n_x * block].reshape(n_y, block, n_x, block)
+    tiles = tiles.transpose(0, 2, 1, 3).reshape(n_y, n_x, block * block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        grid = np.nanmedian(tiles, axis=2)
+    if not np.all(np.isfinite(grid)):
+        grid = np.where(np.isfinite(grid), grid, np.nanmedian(grid) if np.isfinite(grid).any() else 0.0)
+    return _upsample_bilinear(grid, (height, width), block).astype(np.float32)
+
+
+def _upsample_bilinear(grid: np.ndarray, shape, block: int) -> np.ndarray:
+    """Bilinear interpolation of tile centres (tile i covers pixels i*block..) to ``shape``."""
+
+    def axis_weights(n_out, n_grid):
+        pos = (np.arange(n_out) + 0.5) / block - 0.5
+        pos = np.clip(pos, 0, n_grid - 1)
+        i0 = np.floor(pos).astype(int)
+        i1 = np.minimum(i0 + 1, n_grid - 1)
+        return i0, i1, (pos - i0)
+
+    y0, y1, wy = axis_weights(shape[0], grid.shape[0])
+    x0, x1, wx = axis_weights(shape[1], grid.shape[1])
+    rows = grid[y0] * (1 - wy)[:, None] + grid[y1] * wy[:, None]
+    return rows[:, x0] * (1 - wx)[None, :] + rows[:, x1] * wx[None, :]
+
+
+# =========================================================================== masters
+
+
+def _frame_temperature(frame: RawFrame) -> float | None:
+    value = frame.header.get("temperature_c") if frame.header else None
+    return float(value) if value is not None else None
+
+
+def _check_same_geometry(frames: list[RawFrame], kind: str) -> None:
+    first = frames[0]
+    for frame in frames[1:]:
+        if frame.data.shape != first.data.shape:
+            raise NightstackError(
+                f"master {kind}: {frame.source} is {_size_text(frame.data.shape)} but "
+                f"{first.source} is {_size_text(first.data.shape)}"
+            )
+        if frame.cfa_pattern != first.cfa_pattern:
+            raise NightstackError(
+                f"master {kind}: {frame.source} has CFA pattern {frame.cfa_pattern} but "
+                f"{first.source} has {first.cfa_pattern}"
+            )
+
+
+def _median_or_none(values) -> float | None:
+    known = [float(v) for v in values if v is not None]
+    return float(np.median(known)) if known else None
+
+
+def make_master(frames: list[RawFrame], kind: str, bias: Master | None = None,
+                dark: Master | None = None) -> Master:  # fmt: skip
+    """Combine raw calibration frames into a :class:`Master` (sigma-clipped mean).
+
+    ``kind`` is "bias", "dark", "darkflat" or "flat". Bias, dark and darkflat masters keep
+    the raw offset (dark current is taken as dark - bias at calibration time). A flat has
+    ``dark`` (a darkflat, or a dark of the flats' exposure) subtracted, else ``bias``, else
+    the camera black level; each flat is scaled to median 1 before combining, and the result
+    is normalised per CFA colour (each colour's median -> 1) so it corrects vignetting and
+    dust but leaves colour balance alone. Zero, negative or NaN flat pixels become 1 and are
+    listed in ``bad_pixels``.
+    """
+    if kind not in MASTER_KINDS:
+        raise NightstackError(f"unknown master kind {kind!r} (use one of {', '.join(MASTER_KINDS)})")
+    if not frames:
+        raise NightstackError(f"master {kind}: no frames given")
+    _check_same_geometry(frames, kind)
+    first = frames[0]
+    for master in (bias, dark):
+        if master is not None:
+            _check_master_fits(first.source, first.data.shape, first.cfa_pattern, master)
+    if kind == "flat":
+        data, bad = _combine_flats(frames, bias, dark)
+    else:
+        data, bad = robust_combine([f.data for f in frames]), None
+    return Master(
+        kind=kind,
+        data=data.astype(np.float32, copy=False),
+        cfa_pattern=first.cfa_pattern,
+        exptime_s=_median_or_none(f.exptime_s for f in frames),
+        n_frames=len(frames),
+        temperature_c=_median_or_none(_frame_temperature(f) for f in frames),
+        bad_pixels=bad,
+    )
+
+
+def _flat_offset(frame: RawFrame, bias: Master | None, dark: Master | None):
+    if dark is not None:
+        return dark.data
+    if bias is not None:
+        return bias.data
+    return np.float32(frame.black_level)
+
+
+def _normalised_flat_frames(frames, bias, dark):
+    """Offset-subtracted flats scaled to median 1, generated one at a time."""
+    for frame in frames:
+        signal = frame.data.astype(np.float32) - _flat_offset(frame, bias, dark)
+        level = float(np.nanmedian(signal))
+        if not level > 0:
+            raise NightstackError(
+                f"master flat: {frame.source} has no signal above the offset (median {level:.3g} ADU)"
+            )
+        yield signal / np.float32(level)
+
+
+def _combine_flats(frames, bias, dark) -> tuple[np.ndarray, np.ndarray]:
+    combined = robust_combine(list(_normalised_flat_frames(frames, bias, dark)))
+    return normalise_flat(combined, frames[0].cfa_pattern)
+
+
+def normalise_flat(flat: np.ndarray, cfa_pattern) -> tuple[np.ndarray, np.ndarray]:
+    """Scale each CFA colour of ``flat`` to median 1; bad (<=0, NaN) pixels -> 1.
+
+    Returns (normalised float32 flat, bool mask of the pixels that were bad).
+    """
+    flat = np.array(flat, dtype=np.float32)
+    bad = ~(flat > 0)  # also catches NaN
+    flat[bad] = np.nan
+    planes = colour_planes(flat.shape, cfa_pattern)
+    for colour in dict.fromkeys(letter for letter, _ in planes):
+        values = np.concatenate([flat[index].ravel() for letter, index in planes if letter == colour])
+        level = float(np.nanmedian(values)) if np.isfinite(values).any() else np.nan
+        if not level > 0:
+            raise NightstackError(f"master flat: colour {colour} has no positive signal")
+        for letter, index in planes:
+            if letter == colour:
+                flat[index] /= np.float32(level)
+    flat[bad] = 1.0
+    return flat, bad
+
+
+def master_to_fits_header(master: Master) -> dict:
+    """FITS header cards describing ``master`` (for nightstack.io.write_fits_image)."""
+    header = {
+        "IMAGETYP": f"Master {master.kind.capitalize()}",
+        "NSKIND": master.kind,
+        "NCOMBINE": int(master.n_frames),
+    }
+    if master.cfa_pattern:
+        header["BAYERPAT"] = master.cfa_pattern
+    if master.exptime_s is not None:
+        header["EXPTIME"] = float(master.exptime_s)
+    if master.temperature_c is not None:
+        header["CCD-TEMP"] = float(master.temperature_c)
+    if master.bad_pixels is not None:
+        header["NBADPIX"] = int(np.count_nonzero(master.bad_pixels))
+    return header
+
+
+def write_master(path, master: Master) -> None:
+    """Write ``master`` as FITS: data in the primary HDU, bad pixels (if any) in HDU 'BADPIX'."""
+    from astropy.io import fits
+
+    from .io import write_fits_image
+
+    extra = ()
+    if master.bad_pixels is not None and master.bad_pixels.any():
+        extra = (fits.ImageHDU(master.bad_pixels.astype(np.uint8), name="BADPIX"),)
+    write_fits_image(path, master.data, master_to_fits_header(master), extra_hdus=extra)
+
+
+def master_from_fits(path) -> Master:
+    """Read a master written with ``master_to_fits_header`` (or :func:`write_master`)."""
+    from astropy.io import fits
+
+    from .io import read_fits_image
+
+    try:
+        data, header = read_fits_image(path, memmap=False)
+    except (OSError, ValueError) as exc:
+        raise NightstackError(f"cannot read master frame {path}: {exc}") from exc
+    kind = str(header.get("NSKIND", "")).strip().lower()
+    if data is None or kind not in MASTER_KINDS:
+        raise NightstackError(f"{path} is not a nightstack master frame (no NSKIND card)")
+    bad = None
+    with fits.open(path) as hdul:
+        if "BADPIX" in hdul:
+            bad = np.asarray(hdul["BADPIX"].data, dtype=bool)
+    pattern = header.get("BAYERPAT")
+    return Master(
+        kind=kind,
+        data=np.asarray(data, dtype=np.float32),
+        cfa_pattern=str(pattern).strip().upper() if pattern else None,
+        exptime_s=float(header["EXPTIME"]) if "EXPTIME" in header else None,
+        n_frames=int(header.get("NCOMBINE", 0)),
+        temperature_c=float(header["CCD-TEMP"]) if "CCD-TEMP" in header else None,
+        bad_pixels=bad,
+    )
+
+
+# =========================================================================== bad pixels
+
+
+def find_hot_pixels(master_dark: np.ndarray, cfa_pattern, sigma: float = 8.0) -> np.ndarray:
+    """Hot pixels of a (master) dark: bool mask, True where a pixel is > sigma robust sigmas
+    above its colour plane's smooth background (median + k * 1.4826 MAD of the residual).
+
+    The smooth background is subtracted first so amp glow and gradients are not flagged.
+    """
+    dark = np.asarray(master_dark, dtype=np.float32)
+    hot = np.zeros(dark.shape, dtype=bool)
+    for _, index in colour_planes(dark.shape, cfa_pattern):
+        plane = dark[index]
+        residual = plane - _block_background(plane)
+        centre = float(np.nanmedian(residual))
+        spread = _robust_sigma(residual)
+        if spread > 0:
+            hot[index] = residual > centre + sigma * spread
+        else:  # a perfectly flat dark: anything above it is hot
+            hot[index] = residual > centre
+    return hot
+
+
+def find_cold_pixels(master_flat: np.ndarray, cfa_pattern, threshold: float = 0.5) -> np.ndarray:
+    """Cold/dead pixels of a flat: bool mask, True where the response is below ``threshold``
+    times the median of the 8 nearest same-colour neighbours (or is not finite)."""
+    flat = np.asarray(master_flat, dtype=np.float32)
+    cold = ~np.isfinite(flat)
+    ring = np.ones((3, 3), dtype=bool)
+    ring[1, 1] = False
+    for _, index in colour_planes(flat.shape, cfa_pattern):
+        plane = np.where(np.isfinite(flat[index]), flat[index], 0.0).astype(np.float32)
+        local = ndimage.median_filter(plane, footprint=ring, mode="mirror")
+        cold[index] |= plane < threshold * local
+    return cold
+
+
+def _neighbour_offsets(step: int) -> np.ndarray:
+    """The 8 offsets (dy, dx) of the same-colour ring at distance ``step``."""
+    return np.array(
+        [(dy * step, dx * step) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    )
+
+
+def _gather_neighbours(image2d: np.ndarray, ys: np.ndarray, xs: np.ndarray, step: int) -> np.ndarray:
+    """(n, 8) values of the same-colour ring around (ys, xs); NaN outside the image."""
+    height, width = image2d.shape
+    offsets = _neighbour_offsets(step)
+    ny = ys[:, None] + offsets[None, :, 0]
+    nx = xs[:, None] + offsets[None, :, 1]
+    inside = (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
+    values = image2d[np.clip(ny, 0, height - 1), np.clip(nx, 0, width - 1)].astype(np.float32)
+    values[~inside] = np.nan
+    return values
+
+
+def _repair_plane(image2d: np.ndarray, bad2d: np.ndarray, step: int, passes: int = 6) -> None:
+    """Replace bad pixels of a 2D image (in place) by the median of good same-colour neighbours.
+
+    Pixels whose neighbours are all bad get repaired in later passes from already repaired
+    pixels; any left after ``passes`` take the median of all good pixels.
+    """
+    bad = bad2d.copy()
+    for _ in range(passes):
+        ys, xs = np.nonzero(bad)
+        if ys.size == 0:
+            return
+        work = np.where(bad, np.nan, image2d)
+        values = _gather_neighbours(work, ys, xs, step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            median = np.nanmedian(values, axis=1)
+        fixed = np.isfinite(median)
+        image2d[ys[fixed], xs[fixed]] = median[fixed]
+        bad[ys[fixed], xs[fixed]] = False
+        if not fixed.any():
+            break
+    if bad.any():
+        good = image2d[~bad & np.isfinite(image2d)]
+        image2d[bad] = np.median(good) if good.size else 0.0
+
+
+def repair_pixels(mosaic: np.ndarray, bad_mask: np.ndarray, cfa_pattern) -> np.ndarray:
+    """Copy of ``mosaic`` (H, W) or (C, H, W) with ``bad_mask`` pixels replaced by the median
+    of their good same-colour neighbours (2 px away in a CFA mosaic, 1 px in mono/colour)."""
+    image = np.array(mosaic, dtype=np.float32)
+    bad = np.asarray(bad_mask, dtype=bool)
+    if bad.shape != image.shape:
+        raise NightstackError(
+            f"bad-pixel mask is {_size_text(bad.shape)} but the image is {_size_text(image.shape)}"
+        )
+    step = _same_colour_step(_check_pattern(cfa_pattern))
+    planes = [image[c] for c in range(image.shape[0])] if image.ndim == 3 else [image]
+    masks = [bad[c] for c in range(bad.shape[0])] if image.ndim == 3 else [bad]
+    for plane, mask in zip(planes, masks):
+        if mask.any():
+            _repair_plane(plane, mask, step if image.ndim == 2 else 1)
+    return image
+
+
+def _plane_noise(plane: np.ndarray) -> float:
+    """Pixel noise (ADU) of one colour plane from differences of horizontal neighbours,
+    which cancels gradients and nebulosity: sigma = 1.4826 MAD(diff) / sqrt(2)."""
+    sample = plane[::2] if plane.shape[0] > 64 else plane
+    diffs = np.diff(sample, axis=1)
+    return _robust_sigma(diffs) / np.sqrt(2.0)
+
+
+def _spike_neighbour_limit(height_above: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Largest excess the brightest immediate neighbour of a spike of ``height_above`` may have.
+
+    1/4 of the spike for faint ones (where a neighbour at noise level could reach it), but
+    never more than what noise explains (5 sigma) unless the spike is 10x brighter still.
+    """
+    return np.minimum(
+        height_above / OUTLIER_PEAK_RATIO,
+        np.maximum(height_above / OUTLIER_BRIGHT_PEAK_RATIO, OUTLIER_NEIGHBOUR_NOISE_SIGMAS * noise),
+    )
+
+
+def find_outlier_pixels(mosaic: np.ndarray, cfa_pattern, sigma: float = 10.0) -> np.ndarray:
+    """Single-pixel spikes (hot pixels, cosmic rays) of one frame: bool mask.
+
+    A pixel is an outlier when it is (a) brighter than every one of its 8 immediate
+    neighbours (any colour), (b) more than ``sigma`` noise sigmas above the median of its 8
+    same-colour neighbours, and (c) at least 4x further above that median than its
+    brightest immediate neighbour -- and 10x when that neighbour is more than 5 noise sigmas
+    up, as in the core of a bright undersampled star. Stars spread light over their
+    neighbours, so (c) keeps their cores. Colour offsets of a CFA mosaic are removed first by
+    subtracting each colour plane's smooth background.
+    """
+    image = np.asarray(mosaic, dtype=np.float32)
+    pattern = _check_pattern(cfa_pattern)
+    if image.ndim == 3:
+        return np.stack([find_outlier_pixels(image[c], None, sigma) for c in range(image.shape[0])])
+    step = _same_colour_step(pattern)
+    excess = np.empty_like(image)
+    noise = np.empty_like(image)
+    for _, index in colour_planes(image.shape, pattern):
+        plane = np.where(np.isfinite(image[index]), image[index], np.nan).astype(np.float32)
+        excess[index] = plane - _block_background(plane)
+        noise[index] = _plane_noise(plane)
+    ring = np.ones((3, 3), dtype=bool)
+    ring[1, 1] = False
+    # Unusable (NaN) pixels must neither be candidates nor hide a neighbouring spike.
+    brightest_neighbour = ndimage.maximum_filter(
+        np.where(np.isnan(excess), -np.inf, excess), footprint=ring, mode="mirror"
+    )
+    ys, xs = np.nonzero(excess > brightest_neighbour)
+    candidate_excess = excess[ys, xs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        local = np.nanmedian(_gather_neighbours(excess, ys, xs, step), axis=1)
+    height_above = candidate_excess - local
+    neighbour_above = brightest_neighbour[ys, xs] - local
+    is_spike = (height_above > sigma * noise[ys, xs]) & (
+        neighbour_above <= _spike_neighbour_limit(height_above, noise[ys, xs])
+    )
+    outliers = np.zeros(image.shape, dtype=bool)
+    outliers[ys[is_spike], xs[is_spike]] = True
+    return outliers
+
+
+# =========================================================================== calibration
+
+
+def _check_master_fits(source, shape, cfa_pattern, master: Master) -> None:
+    """FrameError when a master's size or CFA pattern does not match the frame's."""
+    if tuple(master.data.shape) != tuple(shape):
+        raise FrameError(
+            source,
+            f"master {master.kind} is {_size_text(master.data.shape)} but this frame is "
+            f"{_size_text(shape)}",
+        )
+    if (master.cfa_pattern or None) != (cfa_pattern or None):
+        raise FrameError(
+            source,
+            f"master {master.kind} has CFA pattern {master.cfa_pattern or 'none'} but this "
+            f"frame has {cfa_pattern or 'none'}",
+        )
+
+
+def _format_seconds(value: float) -> str:
+    return f"{value:g} s"
+
+
+def _subtract_offset_and_dark(data, raw: RawFrame, bias, dark, notes) -> None:
+    """In place: remove bias (or black level) and dark current, recording what was done."""
+    if bias is not None:
+        data -= bias.data
+        notes.append(f"bias subtracted (master of {bias.n_frames})")
+    elif dark is None and raw.black_level:
+        data -= np.float32(raw.black_level)
+        notes.append(f"camera black level {raw.black_level:g} ADU subtracted")
+    if dark is None:
+        return
+    light_s, dark_s = raw.exptime_s, dark.exptime_s
+    differ = light_s and dark_s and abs(light_s / dark_s - 1.0) > 0.01
+    if bias is None:
+        data -= dark.data
+        if differ:
+            notes.append(
+                f"dark subtracted unscaled: no master bias to scale it "
+                f"({_format_seconds(dark_s)} dark, {_format_seconds(light_s)} frame)"
+            )
+        else:
+            notes.append(f"dark subtracted (master of {dark.n_frames}, includes the offset)")
+        return
+    scale = light_s / dark_s if differ else 1.0
+    data -= np.float32(scale) * (dark.data - bias.data)
+    if differ:
+        notes.append(
+            f"dark scaled x{scale:.3g} ({_format_seconds(dark_s)} -> {_format_seconds(light_s)})"
+        )
+    else:
+        notes.append(f"dark current subtracted (master of {dark.n_frames})")
+
+
+def _dark_current(dark: Master, bias: Master | None) -> np.ndarray:
+    return dark.data - bias.data if bias is not None else dark.data
+
+
+def calibrate(raw: RawFrame, bias: Master | None, dark: Master | None, flat: Master | None,
+              config: dict | None = None) -> CalibratedFrame:  # fmt: skip
+    """Calibrate one light frame and demosaic it.
+
+    Order, all on the raw mosaic: subtract bias (or the camera black level when there is no
+    bias; a dark without a bias carries the offset itself), subtract dark current (scaled by
+    exposure ratio when a bias exists), divide by the flat, repair hot (from the dark), cold
+    (from the flat), per-frame outlier and non-finite pixels, then demosaic. ``config`` keys:
+    hot_sigma, cold_threshold, outlier_sigma, repair_outliers (defaults in DEFAULT_CONFIG).
+    Raises FrameError when a master's size or CFA pattern differs from the frame's.
+    """
+    settings = {**DEFAULT_CONFIG, **(config or {})}
+    pattern = _check_pattern(raw.cfa_pattern)
+    for master in (bias, dark, flat):
+        if master is not None:
+            _check_master_fits(raw.source, raw.data.shape, pattern, master)
+    notes: list[str] = []
+    data = np.array(raw.data, dtype=np.float32)
+    _subtract_offset_and_dark(data, raw, bias, dark, notes)
+    if flat is not None:
+        data /= flat.data
+        notes.append(f"flat-fielded (master of {flat.n_frames})")
+    bad, n_repaired = _bad_pixel_mask(data, pattern, bias, dark, flat, settings, notes)
+    if n_repaired:
+        data = repair_pixels(data, bad, pattern)
+    if pattern is not None:
+        image = demosaic(data, pattern)
+        notes.append(f"demosaiced ({pattern}, Malvar-He-Cutler)")
+    else:
+        image = data if data.ndim == 3 else data[None]
+    return CalibratedFrame(
+        data=image.astype(np.float32, copy=False),
+        notes=notes,
+        n_repaired=n_repaired,
+        meta=_frame_meta(raw, pattern),
+    )
+
+
+def _bad_pixel_mask(data, pattern, bias, dark, flat, settings, notes) -> tuple[np.ndarray, int]:
+    """Union of all bad pixels of this frame, with one note per cause."""
+    bad = np.zeros(data.shape, dtype=bool)
+
+    def add(mask, label):
+        new = mask & ~bad
+        count = int(np.count_nonzero(new))
+        if count:
+            bad[new] = True
+            notes.append(f"{count} {label} repaired")
+
+    if dark is not None:
+        sigma = float(settings["hot_sigma"])
+        hot = dark.cached_mask(
+            ("hot", sigma, id(bias)),
+            lambda: find_hot_pixels(_dark_current(dark, bias), pattern, sigma),
+        )
+        add(hot, "hot pixels")
+    if flat is not None:
+        threshold = float(settings["cold_threshold"])
+        cold = flat.cached_mask(
+            ("cold", threshold), lambda: find_cold_pixels(flat.data, pattern, threshold)
+        )
+        if flat.bad_pixels is not None:
+            cold = cold | flat.bad_pixels
+        add(cold, "cold pixels")
+    add(~np.isfinite(data), "non-finite pixels")
+    if settings["repair_outliers"]:
+        outliers = find_outlier_pixels(np.where(bad, np.nan, data), pattern, float(settings["outlier_sigma"]))
+        add(outliers, "outlier pixels (hot pixels/cosmic rays)")
+    return bad, int(np.count_nonzero(bad))
+
+
+def _frame_meta(raw: RawFrame, pattern) -> dict:
+    return {
+        "exptime_s": raw.exptime_s,
+        "date_obs": raw.date_obs,
+        "instrument": raw.instrument,
+        "gain": raw.gain,
+        "iso": raw.iso,
+        "cfa_pattern": pattern,
+        "source": raw.source,
+        "focal_mm": raw.focal_mm,
+        "pixel_um": raw.pixel_um,
+    }
+
+
+# =========================================================================== demosaic
+
+# Malvar, He & Cutler (2004), "High-quality linear interpolation for demosaicing of
+# Bayer-patterned color images", ICASSP. Bilinear interpolation corrected by the Laplacian
+# of the known channel at that pixel; 5x5 kernels, all scaled by 1/8.
+_G_AT_RB = np.array(
+    [[0, 0, -1, 0, 0], [0, 0, 2, 0, 0], [-1, 2, 4, 2, -1], [0, 0, 2, 0, 0], [0, 0, -1, 0, 0]],
+    dtype=np.float32,
+) / 8
+# R (or B) at a green pixel whose row holds R (or B): horizontal neighbours are the target.
+_RB_AT_G_SAME_ROW = np.array(
+    [[0, 0, 0.5, 0, 0], [0, -1, 0, -1, 0], [-1, 4, 5, 4, -1], [0, -1, 0, -1, 0], [0, 0, 0.5, 0, 0]],
+    dtype=np.float32,
+) / 8
+_RB_AT_G_SAME_COLUMN = _RB_AT_G_SAME_ROW.T.copy()
+# R at B and B at R: diagonal neighbours.
+_RB_AT_BR = np.array(
+    [[0, 0, -1.5, 0, 0], [0, 2, 0, 2, 0], [-1.5, 0, 6, 0, -1.5], [0, 2, 0, 2, 0], [0, 0, -1.5, 0, 0]],
+    dtype=np.float32,
+) / 8
+
+
+def demosaic(mosaic: np.ndarray, cfa_pattern: str) -> np.ndarray:
+    """Bayer mosaic (H, W) -> float32 (3, H, W) R, G, B by Malvar-He-Cutler (2004).
+
+    Gradient-corrected linear interpolation with the paper's 5x5 kernels, borders mirrored
+    (mode 'mirror' keeps the CFA phase at the edges). Any of RGGB, BGGR, GRBG, GBRG.
+    """
+    pattern = _check_pattern(cfa_pattern)
+    if pattern is None:
+        raise NightstackError("demosaic needs a CFA pattern")
+    cfa = np.asarray(mosaic, dtype=np.float32)
+    if cfa.ndim != 2:
+        raise NightstackError(f"demosaic needs a 2D mosaic, got shape {cfa.shape}")
+    out = np.empty((3,) + cfa.shape, dtype=np.float32)
+    channel = {"R": 0, "G": 1, "B": 2}
+    phases = [(dy, dx, pattern[2 * dy + dx]) for dy in range(2) for dx in range(2)]
+    # Known samples first.
+    for dy, dx, colour in phases:
+        out[channel[colour], dy::2, dx::2] = cfa[dy::2, dx::2]
+    # Each kernel is applied once to the whole mosaic and used at the phases that need it.
+    green = ndimage.convolve(cfa, _G_AT_RB, mode="mirror")
+    for dy, dx, colour in phases:
+        if colour != "G":
+            out[1, dy::2, dx::2] = green[dy::2, dx::2]
+    del green
+    row_colour = {dy: next(c for ry, _, c in phases if ry == dy and c != "G") for dy in range(2)}
+    for kernel, wanted in (
+        (_RB_AT_G_SAME_ROW, "row"),
+        (_RB_AT_G_SAME_COLUMN, "column"),
+        (_RB_AT_BR, "diagonal"),
+    ):
+        estimate = ndimage.convolve(cfa, kernel, mode="mirror")
+        for dy, dx, colour in phases:
+            if colour == "G":
+                same_row = row_colour[dy]  # R or B sits beside this green in its row
+                other = "B" if same_row == "R" else "R"
+                target = same_row if wanted == "row" else other if wanted == "column" else None
+            else:
+                target = ("B" if colour == "R" else "R") if wanted == "diagonal" else None
+            if target is not None:
+                out[channel[target], dy::2, dx::2] = estimate[dy::2, dx::2]
+        del estimate
+    return out
+
+
+__all__ = [
+    "Master",
+    "CalibratedFrame",
+    "DEFAULT_CONFIG",
+    "robust_combine",
+    "make_master",
+    "normalise_flat",
+    "master_to_fits_header",
+    "master_from_fits",
+    "write_master",
+    "find_hot_pixels",
+    "find_cold_pixels",
+    "repair_pixels",
+    "find_outlier_pixels",
+    "calibrate",
+    "demosaic",
+    "colour_planes",
+]

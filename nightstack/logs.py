@@ -1,0 +1,52 @@
+"""Logging set-up for one workflow step, and a clean exit on user-facing errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from .errors import NightstackError
+
+log = logging.getLogger("nightstack")
+
+
+def configure(log_path=None, level=logging.INFO) -> logging.Logger:
+    """Send nightstack's messages to the step's log file and to stderr."""
+    log.handlers.clear()
+    log.setLevel(level)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    if log_path:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(fmt)
+    log.addHandler(sh)
+    return log
+
+
+def run_step(func, *args, log_path=None, **kwargs):
+    """Run a step; a NightstackError ends it with one clear line instead of a traceback."""
+    configure(log_path)
+    try:
+        return func(*args, **kwargs)
+    except NightstackError as exc:
+        log.error("%s", exc)
+        sys.exit(f"nightstack error: {exc}")
+
+
+class Progress:
+    """Logs 'label: i/n' about every 10 % so long per-frame steps show they are alive."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.done, self.next_pct = label, max(int(total), 1), 0, 10
+
+    def __call__(self, n: int = 1) -> None:
+        self.done += n
+        pct = 100 * self.done // self.total
+        if pct >= self.next_pct or self.done == self.total:
+            log.info("%s: %d/%d (%d%%)", self.label, self.done, self.total, pct)
+            self.next_pct = (pct // 10 + 1) * 10

@@ -1,0 +1,424 @@
+"""Pose of each frame against the reference, then one global bundle adjustment.
+
+A frame's pose is the rotation (and zoom) of the camera model in nightstack.camera that maps
+reference pixels onto the frame's pixels. ``estimate_pose`` finds it from two star lists:
+coarse triangle matching, a closed-form rotation from matched rays (Wahba's problem), then
+weighted least squares over all matched stars. ``bundle_adjust`` refines every pose, the
+shared focal length and (when the lens needs it) radial distortion over all star tracks of
+the night at once, with a sparse Jacobian.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import least_squares
+from scipy.sparse import lil_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.sparse import coo_matrix
+from scipy.spatial import cKDTree
+from scipy.spatial.transform import Rotation
+
+from .camera import Camera, map_ref_to_frame, map_frame_to_ref, homography
+from .errors import NightstackError
+from .matching import MatchConfig, match_coarse, mutual_nearest
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """Settings of pose estimation and bundle adjustment; defaults need no tuning."""
+
+    min_pairs: int = 6  # fewer matched stars than this: the frame is rejected
+    max_rms_px: float = 1.5  # a larger residual RMS rejects the frame
+    final_radius_px: float = 2.0  # correspondences are re-found within this distance
+    per_frame_focal: bool = True  # each frame may have its own focal length (zoom lenses)
+    distortion: str = "auto"  # "auto" | "on" | "off": radial k1, k2 in the bundle adjustment
+    focal_prior_sigma: float = 0.3  # prior on log(focal) around the header/default guess
+    max_tracks: int = 4000
+    position_floor_px: float = 0.02  # centroid uncertainty floor (demosaicing, PSF shape)
+
+
+@dataclass
+class StarList:
+    """Star positions (N, 2) brightest first, with fluxes and centroid uncertainties."""
+
+    xy: np.ndarray
+    flux: np.ndarray
+    sigma_px: np.ndarray
+
+    @classmethod
+    def from_table(cls, table, floor_px: float = 0.02) -> "StarList":
+        if len(table) == 0:
+            return cls(np.zeros((0, 2)), np.zeros(0), np.zeros(0))
+        xy = np.stack([np.asarray(table["x"], float), np.asarray(table["y"], float)], axis=1)
+        flux = np.asarray(table["flux"], float)
+        fwhm = np.asarray(table["fwhm_px"], float)
+        snr = np.maximum(np.asarray(table["snr"], float), 1.0)
+        sigma = np.hypot(floor_px, 0.6 * fwhm / snr)
+        order = np.argsort(-flux, kind="stable")
+        return cls(xy[order], flux[order], sigma[order])
+
+
+@dataclass
+class Pose:
+    """Result of registering one frame on the reference."""
+
+    status: str  # "accepted" | "rejected"
+    reason: str = ""
+    rotvec: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    zoom: float = 1.0
+    n_pairs: int = 0
+    rms_px: float = float("nan")
+    pairs: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=int))
+    flux_scale: float = 1.0  # frame flux / reference flux of matched stars
+
+    def rotation(self) -> np.ndarray:
+        return Rotation.from_rotvec(self.rotvec).as_matrix()
+
+
+def rejected(reason: str) -> Pose:
+    return Pose(status="rejected", reason=reason)
+
+
+def wahba_rotation(ref_rays: np.ndarray, frame_rays: np.ndarray, weights=None) -> np.ndarray:
+    """Rotation R minimising sum w |frame_ray - R ref_ray|^2 (unit rays, (N, 3))."""
+    w = np.ones(len(ref_rays)) if weights is None else weights
+    b = (frame_rays * w[:, None]).T @ ref_rays
+    u, _, vt = np.linalg.svd(b)
+    d = np.sign(np.linalg.det(u @ vt))
+    return u @ np.diag([1.0, 1.0, d]) @ vt
+
+
+def pixel_rays(xy: np.ndarray, camera: Camera) -> np.ndarray:
+    """Observed pixels (N, 2) -> unit direction vectors (N, 3) in that camera's frame."""
+    p = camera.undistort(xy) - camera.centre
+    rays = np.column_stack([p / camera.focal_px, np.ones(len(p))])
+    return rays / np.linalg.norm(rays, axis=1, keepdims=True)
+
+
+def _fit_pose(ref_xy, frame_xy, sigma, ref_camera, rotvec0, zoom0, fit_zoom):
+    """Weighted least squares of rotation (+ zoom) on pixel residuals; returns (rotvec, zoom)."""
+
+    def residuals(p):
+        zoom = np.exp(p[3]) if fit_zoom else zoom0
+        cam = ref_camera.with_focal(ref_camera.focal_px * zoom)
+        pred = map_ref_to_frame(ref_xy, ref_camera, cam, Rotation.from_rotvec(p[:3]).as_matrix())
+        return ((pred - frame_xy) / sigma[:, None]).ravel()
+
+    x0 = np.concatenate([rotvec0, [np.log(zoom0)]]) if fit_zoom else np.asarray(rotvec0, float)
+    sol = least_squares(residuals, x0, loss="soft_l1", f_scale=3.0, x_scale="jac")
+    zoom = float(np.exp(sol.x[3])) if fit_zoom else zoom0
+    return sol.x[:3], zoom
+
+
+def estimate_pose(
+    frame: StarList,
+    ref: StarList,
+    ref_camera: Camera,
+    cfg: RegistrationConfig = RegistrationConfig(),
+    match_cfg: MatchConfig = MatchConfig(),
+) -> Pose:
+    """Register a frame's stars on the reference stars (same image size assumed)."""
+    if len(frame.xy) < 3:
+        return rejected(f"only {len(frame.xy)} stars detected")
+    coarse = match_coarse(frame.xy, ref.xy, match_cfg)
+    if coarse is None:
+        return rejected("no star pattern in common with the reference")
+    # correspondences under the coarse similarity, then a closed-form rotation from rays
+    moved = coarse.transform.apply(frame.xy)
+    i_f, i_r = mutual_nearest(moved, ref.xy, match_cfg.score_radius_px * 1.5)
+    if len(i_f) < cfg.min_pairs:
+        return rejected(f"only {len(i_f)} stars match the reference (need {cfg.min_pairs})")
+    zoom = 1.0 / coarse.transform.scale
+    frame_cam = ref_camera.with_focal(ref_camera.focal_px * zoom)
+    rot = wahba_rotation(pixel_rays(ref.xy[i_r], ref_camera), pixel_rays(frame.xy[i_f], frame_cam))
+    rotvec = Rotation.from_matrix(rot).as_rotvec()
+    radius = match_cfg.score_radius_px
+    for _ in range(4):
+        sigma = np.hypot(frame.sigma_px[i_f], ref.sigma_px[i_r])
+        rotvec, zoom = _fit_pose(
+            ref.xy[i_r], frame.xy[i_f], sigma, ref_camera, rotvec, zoom, cfg.per_frame_focal
+        )
+        frame_cam = ref_camera.with_focal(ref_camera.focal_px * zoom)
+        pred = map_ref_to_frame(ref.xy, ref_camera, frame_cam, Rotation.from_rotvec(rotvec).as_matrix())
+        resid = np.linalg.norm(pred[i_r] - frame.xy[i_f], axis=1)
+        robust = 1.4826 * np.median(resid) if len(resid) else radius
+        radius = float(np.clip(4.0 * robust, cfg.final_radius_px, radius))
+        i_r, i_f = mutual_nearest(pred, frame.xy, radius)
+        if len(i_f) < cfg.min_pairs:
+            return rejected(f"only {len(i_f)} stars match the reference (need {cfg.min_pairs})")
+    sigma = np.hypot(frame.sigma_px[i_f], ref.sigma_px[i_r])
+    rotvec, zoom = _fit_pose(ref.xy[i_r], frame.xy[i_f], sigma, ref_camera, rotvec, zoom, cfg.per_frame_focal)
+    frame_cam = ref_camera.with_focal(ref_camera.focal_px * zoom)
+    pred = map_ref_to_frame(ref.xy[i_r], ref_camera, frame_cam, Rotation.from_rotvec(rotvec).as_matrix())
+    resid = np.linalg.norm(pred - frame.xy[i_f], axis=1)
+    rms = float(np.sqrt(np.mean(resid**2)))
+    ratio = frame.flux[i_f] / np.maximum(ref.flux[i_r], 1e-12)
+    pose = Pose(
+        status="accepted",
+        rotvec=rotvec,
+        zoom=zoom,
+        n_pairs=int(len(i_f)),
+        rms_px=rms,
+        pairs=np.column_stack([i_f, i_r]),
+        flux_scale=float(np.median(ratio[np.isfinite(ratio) & (ratio > 0)])) if len(ratio) else 1.0,
+    )
+    if rms > cfg.max_rms_px:
+        pose.status, pose.reason = "rejected", f"residual RMS {rms:.2f} px exceeds {cfg.max_rms_px} px"
+    return pose
+
+
+# ---------------------------------------------------------------------------------------
+# global bundle adjustment
+
+
+@dataclass
+class Tracks:
+    """Observations of star tracks: which frame (index, -1 = reference), which track, where."""
+
+    frame: np.ndarray  # (M,) int
+    track: np.ndarray  # (M,) int
+    xy: np.ndarray  # (M, 2) observed pixel
+    sigma_px: np.ndarray  # (M,)
+    n_tracks: int
+
+
+def build_tracks(ref: StarList, frames: list[StarList], poses: list[Pose], ref_camera: Camera,
+                 cfg: RegistrationConfig) -> Tracks:
+    """Tracks from each accepted frame's pairs with the reference, plus stars that the
+    reference missed but two or more frames share (partial overlaps)."""
+    obs_f, obs_t, obs_xy, obs_s = [], [], [], []
+    used_ref = np.zeros(len(ref.xy), dtype=bool)
+    extra_xy, extra_frame, extra_star = [], [], []
+    for k, (stars, pose) in enumerate(zip(frames, poses)):
+        if pose.status != "accepted" or len(pose.pairs) == 0:
+            continue
+        i_f, i_r = pose.pairs[:, 0], pose.pairs[:, 1]
+        used_ref[i_r] = True
+        obs_f.append(np.full(len(i_f), k))
+        obs_t.append(i_r)
+        obs_xy.append(stars.xy[i_f])
+        obs_s.append(stars.sigma_px[i_f])
+        unmatched = np.setdiff1d(np.arange(len(stars.xy)), i_f)
+        cam = ref_camera.with_focal(ref_camera.focal_px * pose.zoom)
+        extra_xy.append(map_frame_to_ref(stars.xy[unmatched], ref_camera, cam, pose.rotation()))
+        extra_frame.append(np.full(len(unmatched), k))
+        extra_star.append(unmatched)
+    ref_ids = np.nonzero(used_ref)[0]
+    n_tracks = len(ref.xy)
+    obs_f.append(np.full(len(ref_ids), -1))
+    obs_t.append(ref_ids)
+    obs_xy.append(ref.xy[ref_ids])
+    obs_s.append(ref.sigma_px[ref_ids])
+    if extra_xy:
+        exy = np.concatenate(extra_xy)
+        efr = np.concatenate(extra_frame)
+        est = np.concatenate(extra_star)
+        # drop stars that land on a reference star: those are already tracked or were outliers
+        if len(ref.xy) and len(exy):
+            d, _ = cKDTree(ref.xy).query(exy, distance_upper_bound=3.0)
+            far = ~np.isfinite(d)
+            exy, efr, est = exy[far], efr[far], est[far]
+        if len(exy) > 1:
+            pairs = cKDTree(exy).query_pairs(r=cfg.final_radius_px / 2, output_type="ndarray")
+            graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(exy),) * 2)
+            n_comp, label = connected_components(graph, directed=False)
+            size = np.bincount(label, minlength=n_comp)
+            # one observation per frame and track, at least two frames
+            key = label.astype(np.int64) * (len(frames) + 1) + efr
+            dup = np.bincount(np.unique(key, return_inverse=True)[1])
+            clean_comp = np.ones(n_comp, dtype=bool)
+            _, inverse = np.unique(key, return_inverse=True)
+            clean_comp[label[dup[inverse] > 1]] = False
+            good = (size[label] >= 2) & clean_comp[label]
+            if np.any(good):
+                _, new_ids = np.unique(label[good], return_inverse=True)
+                obs_f.append(efr[good])
+                obs_t.append(n_tracks + new_ids)
+                obs_xy.append(np.stack([frames[k].xy[s] for k, s in zip(efr[good], est[good])]))
+                obs_s.append(np.array([frames[k].sigma_px[s] for k, s in zip(efr[good], est[good])]))
+                n_tracks += int(new_ids.max()) + 1
+    frame = np.concatenate(obs_f).astype(int)
+    track = np.concatenate(obs_t).astype(int)
+    # renumber tracks densely, keep those seen at least twice
+    counts = np.bincount(track, minlength=n_tracks)
+    keep = counts[track] >= 2
+    frame, track = frame[keep], track[keep]
+    xy, sigma = np.concatenate(obs_xy)[keep], np.concatenate(obs_s)[keep]
+    uniq, track = np.unique(track, return_inverse=True)
+    if len(uniq) > cfg.max_tracks:
+        # keep the tracks with the most observations (cheap, and they constrain most)
+        best = np.argsort(-np.bincount(track))[: cfg.max_tracks]
+        sel = np.isin(track, best)
+        frame, xy, sigma = frame[sel], xy[sel], sigma[sel]
+        _, track = np.unique(track[sel], return_inverse=True)
+    return Tracks(frame, track, xy, sigma, int(track.max()) + 1 if len(track) else 0)
+
+
+@dataclass
+class Solution:
+    """Global solution of a night."""
+
+    ref_camera: Camera
+    poses: list[Pose]
+    frame_rms_px: np.ndarray
+    distortion_used: bool
+    rms_centre_px: float
+    rms_outer_px: float
+    n_tracks: int
+    n_observations: int
+
+
+def _project(uv, f, k1, k2, centre, rot, zoom):
+    """Undistorted reference-plane pixels (M, 2) -> observed pixels of cameras (M,) rot/zoom."""
+    rays = np.column_stack([(uv - centre) / f, np.ones(len(uv))])
+    cam = np.einsum("mij,mj->mi", rot, rays)
+    fk = f * zoom
+    p = cam[:, :2] / cam[:, 2:3] * fk[:, None]
+    r2 = np.sum(p * p, axis=1, keepdims=True) / fk[:, None] ** 2
+    return centre + p * (1.0 + k1 * r2 + k2 * r2 * r2)
+
+
+def bundle_adjust(tracks: Tracks, poses: list[Pose], ref_camera: Camera, focal_guess_px: float,
+                  cfg: RegistrationConfig, distortion: bool) -> Solution:
+    """Refine all accepted poses, the focal length and optionally k1, k2 over all tracks."""
+    n_frames = len(poses)
+    active = [k for k, p in enumerate(poses) if p.status == "accepted"]
+    slot = {k: i for i, k in enumerate(active)}
+    n_pose = 4 if cfg.per_frame_focal else 3
+    n_glob = 3 if distortion else 1
+    n_act = len(active)
+    obs_ok = (tracks.frame == -1) | np.isin(tracks.frame, active)
+    fr, tr = tracks.frame[obs_ok], tracks.track[obs_ok]
+    xy, sig = tracks.xy[obs_ok], tracks.sigma_px[obs_ok]
+    centre = ref_camera.centre
+
+    # initial track positions: mean of the observations mapped into the undistorted reference plane
+    uv0 = np.zeros((tracks.n_tracks, 2))
+    cnt = np.zeros(tracks.n_tracks)
+    for k in [-1] + active:
+        sel = fr == k
+        if not np.any(sel):
+            continue
+        if k == -1:
+            pts = ref_camera.undistort(xy[sel])
+        else:
+            cam = ref_camera.with_focal(ref_camera.focal_px * poses[k].zoom)
+            pts = ref_camera.undistort(map_frame_to_ref(xy[sel], ref_camera, cam, poses[k].rotation()))
+        np.add.at(uv0, tr[sel], pts)
+        np.add.at(cnt, tr[sel], 1)
+    uv0 /= np.maximum(cnt, 1)[:, None]
+
+    x0 = [np.log(ref_camera.focal_px)]
+    if distortion:
+        x0 += [ref_camera.k1, ref_camera.k2]
+    for k in active:
+        x0 += list(poses[k].rotvec)
+        if cfg.per_frame_focal:
+            x0.append(np.log(poses[k].zoom))
+    x0 = np.concatenate([np.asarray(x0, float), uv0.ravel()])
+    off_pose = n_glob
+    off_track = n_glob + n_pose * n_act
+    obs_slot = np.array([slot.get(k, -1) for k in fr])
+
+    def unpack(x):
+        f = np.exp(x[0])
+        k1, k2 = (x[1], x[2]) if distortion else (0.0, 0.0)
+        pose = x[off_pose:off_track].reshape(n_act, n_pose) if n_act else np.zeros((0, n_pose))
+        rot = np.concatenate([np.eye(3)[None], Rotation.from_rotvec(pose[:, :3]).as_matrix().reshape(-1, 3, 3)])
+        zoom = np.concatenate([[1.0], np.exp(pose[:, 3]) if cfg.per_frame_focal else np.ones(n_act)])
+        uv = x[off_track:].reshape(-1, 2)
+        return f, k1, k2, rot, zoom, uv
+
+    log_f0 = np.log(focal_guess_px)
+
+    def residuals(x):
+        f, k1, k2, rot, zoom, uv = unpack(x)
+        idx = obs_slot + 1  # 0 = reference
+        pred = _project(uv[tr], f, k1, k2, centre, rot[idx], zoom[idx])
+        r = ((pred - xy) / sig[:, None]).ravel()
+        prior = [(x[0] - log_f0) / cfg.focal_prior_sigma]
+        if distortion:
+            prior += [x[1] / 1.0, x[2] / 1.0]  # weak: keeps k1, k2 finite when unconstrained
+        return np.concatenate([r, prior])
+
+    n_obs = len(fr)
+    n_par = len(x0)
+    sparsity = lil_matrix((2 * n_obs + (3 if distortion else 1), n_par), dtype=np.int8)
+    rows = np.arange(n_obs)
+    for c in range(n_glob):
+        sparsity[2 * rows, c] = 1
+        sparsity[2 * rows + 1, c] = 1
+    has_pose = obs_slot >= 0
+    for c in range(n_pose):
+        cols = off_pose + obs_slot[has_pose] * n_pose + c
+        sparsity[2 * rows[has_pose], cols] = 1
+        sparsity[2 * rows[has_pose] + 1, cols] = 1
+    for c in range(2):
+        cols = off_track + tr * 2 + c
+        sparsity[2 * rows, cols] = 1
+        sparsity[2 * rows + 1, cols] = 1
+    for j in range(n_glob):
+        sparsity[2 * n_obs + j, j] = 1
+    sol = least_squares(
+        residuals, x0, jac_sparsity=sparsity.tocsr(), loss="soft_l1", f_scale=3.0,
+        x_scale="jac", method="trf", max_nfev=200,
+    )
+    f, k1, k2, rot, zoom, uv = unpack(sol.x)
+    camera = Camera(ref_camera.width_px, ref_camera.height_px, float(f), float(k1), float(k2))
+    new_poses = []
+    for k, p in enumerate(poses):
+        if p.status != "accepted":
+            new_poses.append(p)
+            continue
+        i = slot[k] + 1
+        new_poses.append(Pose(status="accepted", rotvec=Rotation.from_matrix(rot[i]).as_rotvec(),
+                              zoom=float(zoom[i]), n_pairs=p.n_pairs, rms_px=p.rms_px,
+                              pairs=p.pairs, flux_scale=p.flux_scale))
+    idx = obs_slot + 1
+    pred = _project(uv[tr], f, k1, k2, centre, rot[idx], zoom[idx])
+    err = np.linalg.norm(pred - xy, axis=1)
+    frame_rms = np.full(n_frames, np.nan)
+    for k in active:
+        sel = fr == k
+        e = err[sel]
+        # robust: outliers that the soft-L1 loss ignored are not counted as residual
+        e = e[e < max(5 * 1.4826 * np.median(e), 1.0)] if len(e) else e
+        frame_rms[k] = float(np.sqrt(np.mean(e**2))) if len(e) else np.nan
+    r = np.linalg.norm(xy - centre, axis=1) / np.linalg.norm(centre)
+    inlier = err < max(5 * 1.4826 * np.median(err), 1.0)
+    outer, inner = inlier & (r > 2 / 3), inlier & (r < 1 / 3)
+    rms_outer = float(np.sqrt(np.mean(err[outer] ** 2))) if outer.sum() >= 10 else float("nan")
+    rms_centre = float(np.sqrt(np.mean(err[inner] ** 2))) if inner.sum() >= 10 else float("nan")
+    return Solution(camera, new_poses, frame_rms, distortion, rms_centre, rms_outer,
+                    tracks.n_tracks, n_obs)
+
+
+def solve_night(ref: StarList, frames: list[StarList], poses: list[Pose], ref_camera: Camera,
+                cfg: RegistrationConfig = RegistrationConfig()) -> Solution:
+    """Global alignment of a night; switches on radial distortion when the corners need it."""
+    if not any(p.status == "accepted" for p in poses):
+        raise NightstackError("no frame could be registered on the reference")
+    tracks = build_tracks(ref, frames, poses, ref_camera, cfg)
+    focal_guess = ref_camera.focal_px
+    want = cfg.distortion
+    sol = bundle_adjust(tracks, poses, ref_camera, focal_guess, cfg, distortion=(want == "on"))
+    if want == "auto" and needs_distortion(sol):
+        with_dist = bundle_adjust(tracks, sol.poses, sol.ref_camera, focal_guess, cfg, distortion=True)
+        if np.nanmedian(with_dist.frame_rms_px) < np.nanmedian(sol.frame_rms_px):
+            sol = with_dist
+    return sol
+
+
+def needs_distortion(sol: Solution) -> bool:
+    """True when the outer third of the field fits clearly worse than the centre."""
+    if not np.isfinite(sol.rms_outer_px) or not np.isfinite(sol.rms_centre_px):
+        return False
+    return sol.rms_outer_px > 1.2 * sol.rms_centre_px and sol.rms_outer_px - sol.rms_centre_px > 0.03
+
+
+def frame_homography(sol: Solution, pose: Pose) -> np.ndarray:
+    """H of a frame (reference pixel -> frame pixel) in the nightstack convention."""
+    cam = sol.ref_camera.with_focal(sol.ref_camera.focal_px * pose.zoom)
+    return homography(sol.ref_camera, cam, pose.rotation())

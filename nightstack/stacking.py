@@ -1,0 +1,688 @@
+"""Stack step: warp every accepted frame onto the reference pixel grid and combine.
+
+Memory stays bounded whatever the number of frames: the output is built tile by tile.
+For one tile, each frame's calibrated FITS file is opened memory-mapped, only the box of
+frame pixels the tile needs (plus a margin for the interpolation kernel) is read, warped
+into the tile, normalised, and put in a stack buffer of shape (N, C, tile_h, tile_w); the
+buffer is combined along the frame axis and the file is closed again, so no frame is ever
+fully in memory and mapped pages are released after every tile.
+
+Missing values (a frame that does not cover a pixel) are NaN throughout. Combine methods:
+
+* ``mean`` - weighted mean of all values;
+* ``median`` - median of all values (weights ignored);
+* ``sigma`` - kappa-sigma clipping: centre = median, sigma = std of the kept values, reject
+  values outside [centre - sigma_low*sigma, centre + sigma_high*sigma], iterate until nothing
+  changes; weighted mean of the kept values;
+* ``winsorized`` - Siril's winsorized sigma clipping: sigma from the stack winsorized at
+  median +- 1.5 sigma (iterated until it settles, each time sigma *= 1.134), then rejection as
+  in kappa-sigma; weighted mean of the kept values;
+* ``max`` - per-pixel maximum (lighten, star trails).
+
+Clipping needs some values to judge from: at a pixel with fewer than
+``min_frames_for_clipping`` values the clipping methods give the plain (weighted) mean.
+
+Because every kappa-sigma style rejection removes the values below one threshold and above
+another, the kept values are always a contiguous run of the per-pixel sorted stack; clipping
+therefore sorts once and moves two indices, and only pixels that changed in the previous
+iteration are iterated again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .camera import Camera, map_ref_to_frame
+from .errors import FrameError, NightstackError
+from .io import open_fits_data
+
+log = logging.getLogger("nightstack")
+
+METHODS = ("mean", "median", "sigma", "winsorized", "max")
+CLIPPING_METHODS = ("sigma", "winsorized")
+INTERPOLATIONS = ("cubic", "lanczos3", "linear")
+WEIGHTINGS = ("none", "noise")
+
+READ_MARGIN_PX = 8  # spline prefilter edge effects decay as 0.27^n: 8 px -> ~3e-5
+COVERAGE_TOLERANCE_PX = 1e-3  # round-off of an exact mapping must not lose the last column
+MIN_TILE_PX = 32
+WORK_ARRAYS = 3  # sorted copy + winsorized copy + masks/temporaries, in units of the buffer
+WARP_BYTES_PER_PX = 256  # coordinates (float64), read box, interpolation output per tile pixel
+WINSOR_FACTOR = 1.134  # Siril: corrects the std of a Gaussian winsorized at +-1.5 sigma
+WINSOR_CLIP_SIGMA = 1.5
+WINSOR_TOLERANCE = 5e-4  # relative change of sigma at which the winsorizing loop stops
+WINSOR_MAX_ITERATIONS = 50
+LANCZOS_A = 3
+
+
+@dataclass
+class FrameWarp:
+    """How one calibrated frame maps onto the reference grid and how to normalise it.
+
+    ``rotation`` (3x3) turns reference-camera directions into this frame's camera directions
+    (see nightstack.camera.map_ref_to_frame). Normalised value per channel c:
+    ``(v - offset[c]) / scale[c] + target_level[c]``. ``weight`` is 1/variance after
+    normalisation, used when weighting is "noise".
+    """
+
+    path: str
+    ref_camera: Camera
+    frame_camera: Camera
+    rotation: np.ndarray
+    offset: np.ndarray
+    scale: np.ndarray
+    target_level: np.ndarray
+    weight: float = 1.0
+
+
+@dataclass
+class StackConfig:
+    """Settings of the stack step."""
+
+    method: str = "winsorized"  # "mean" | "median" | "sigma" | "winsorized" | "max"
+    sigma_low: float = 4.0  # rejection threshold below the centre, in sigmas
+    sigma_high: float = 3.0  # rejection threshold above the centre, in sigmas
+    iterations: int = 5  # maximum clipping iterations
+    weighting: str = "none"  # "none" | "noise" (FrameWarp.weight in the final mean)
+    interpolation: str = "cubic"  # "cubic" | "lanczos3" | "linear"
+    memory_mb: int = 512  # budget for the combine buffers; sets the tile size
+    min_frames_for_clipping: int = 3  # fewer values at a pixel: clipping methods use the mean
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tile size chosen for a stack, and what it costs in memory (MB)."""
+
+    tile_h: int
+    tile_w: int
+    n_tiles_y: int
+    n_tiles_x: int
+    buffer_mb: float  # the N x C x tile stack buffer alone
+    peak_mb: float  # buffer + combine work arrays + warping temporaries (estimate)
+    over_budget: bool  # even the minimum tile breaks memory_mb
+
+    @property
+    def n_tiles(self) -> int:
+        return self.n_tiles_y * self.n_tiles_x
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def stack_config_from_dict(d: dict | None) -> StackConfig:
+    """Build a StackConfig from a settings dict; unknown keys or bad values -> NightstackError."""
+    if d is None:
+        return StackConfig()
+    if not isinstance(d, dict):
+        raise NightstackError(f"stack settings must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(StackConfig)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise NightstackError(
+            f"unknown stack setting(s) {', '.join(unknown)}; known: {', '.join(fields)}"
+        )
+    values = {key: _setting_value(key, value, fields[key].default) for key, value in d.items()}
+    cfg = StackConfig(**values)
+    validate_stack_config(cfg)
+    return cfg
+
+
+def _setting_value(key: str, value, default):
+    """Coerce one setting to the type of its default, or raise NightstackError."""
+    try:
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ValueError
+            return value.strip().lower()
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(default, int):
+            if float(value) != int(value):
+                raise ValueError
+            return int(value)
+        return float(value)
+    except (TypeError, ValueError):
+        kind = "a word" if isinstance(default, str) else "a number"
+        raise NightstackError(f"stack setting {key}: expected {kind}, got {value!r}") from None
+
+
+def validate_stack_config(cfg: StackConfig) -> None:
+    """Raise NightstackError listing every invalid setting of ``cfg``."""
+    problems = []
+    if cfg.method not in METHODS:
+        problems.append(f"method must be one of {', '.join(METHODS)} (got {cfg.method!r})")
+    if cfg.interpolation not in INTERPOLATIONS:
+        problems.append(
+            f"interpolation must be one of {', '.join(INTERPOLATIONS)} (got {cfg.interpolation!r})"
+        )
+    if cfg.weighting not in WEIGHTINGS:
+        problems.append(f"weighting must be one of {', '.join(WEIGHTINGS)} (got {cfg.weighting!r})")
+    if not (cfg.sigma_low > 0 and cfg.sigma_high > 0):
+        problems.append("sigma_low and sigma_high must be > 0")
+    if cfg.iterations < 1:
+        problems.append("iterations must be >= 1")
+    if cfg.memory_mb < 1:
+        problems.append("memory_mb must be >= 1")
+    if cfg.min_frames_for_clipping < 2:
+        problems.append("min_frames_for_clipping must be >= 2")
+    if problems:
+        raise NightstackError("stack settings: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------- tiling
+
+
+def plan_tiles(n_frames: int, out_shape, memory_mb: float) -> TilePlan:
+    """Square-ish tile size keeping N x C x tile buffers and work arrays below ``memory_mb``.
+
+    Cost per tile pixel: the float32 stack buffer (N*C*4 bytes) plus WORK_ARRAYS copies of it
+    while combining, plus the warping temporaries of one frame. Tiles are at least
+    MIN_TILE_PX on a side; ``over_budget`` says when even that exceeds the budget.
+    """
+    n_channels, height, width = (int(v) for v in out_shape)
+    bytes_per_px = n_frames * n_channels * 4 * (1 + WORK_ARRAYS) + WARP_BYTES_PER_PX
+    budget_px = int(memory_mb * 2**20 // bytes_per_px)
+    side = math.isqrt(max(budget_px, 0))
+    over_budget = side < MIN_TILE_PX
+    if over_budget:
+        tile_h, tile_w = min(height, MIN_TILE_PX), min(width, MIN_TILE_PX)
+    else:
+        tile_h = min(height, side)
+        tile_w = min(width, max(side, budget_px // tile_h))
+        tile_h = min(height, max(tile_h, budget_px // tile_w))
+    tile_px = tile_h * tile_w
+    return TilePlan(
+        tile_h=tile_h,
+        tile_w=tile_w,
+        n_tiles_y=-(-height // tile_h),
+        n_tiles_x=-(-width // tile_w),
+        buffer_mb=n_frames * n_channels * 4 * tile_px / 2**20,
+        peak_mb=bytes_per_px * tile_px / 2**20,
+        over_budget=over_budget,
+    )
+
+
+def tile_bounds(plan: TilePlan, height: int, width: int):
+    """Yield (y0, y1, x0, x1) of every tile, row by row."""
+    for y0 in range(0, height, plan.tile_h):
+        for x0 in range(0, width, plan.tile_w):
+            yield y0, min(y0 + plan.tile_h, height), x0, min(x0 + plan.tile_w, width)
+
+
+# ---------------------------------------------------------------------------- warping
+
+
+def tile_pixel_grid(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """Reference pixel positions (n, 2) as (x, y) of a tile, row-major."""
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    return np.column_stack([xx.ravel(), yy.ravel()]).astype(np.float64)
+
+
+def _in_front_of_frame(xy_ref: np.ndarray, warp: FrameWarp) -> np.ndarray:
+    """True where the reference ray points into the frame camera's forward half-space.
+
+    The homography alone cannot tell: a ray behind the camera projects to a valid-looking pixel.
+    """
+    xy_u = warp.ref_camera.undistort(xy_ref)
+    ray_z_row = np.asarray(warp.rotation, float)[2] @ np.linalg.inv(warp.ref_camera.intrinsic())
+    return xy_u @ ray_z_row[:2] + ray_z_row[2] > 0
+
+
+def _frame_coordinates(xy_ref: np.ndarray, warp: FrameWarp, width: int, height: int):
+    """Frame pixel positions (n, 2) of reference pixels and a mask of those inside the frame.
+
+    Inside means between the first and last pixel centres (interpolation never extrapolates);
+    positions of inside points are clamped onto that range to absorb round-off.
+    """
+    xy = map_ref_to_frame(xy_ref, warp.ref_camera, warp.frame_camera, warp.rotation)
+    tol = COVERAGE_TOLERANCE_PX
+    with np.errstate(invalid="ignore"):
+        inside = (
+            (xy[:, 0] >= -tol)
+            & (xy[:, 0] <= width - 1 + tol)
+            & (xy[:, 1] >= -tol)
+            & (xy[:, 1] <= height - 1 + tol)
+        )
+    inside &= _in_front_of_frame(xy_ref, warp)
+    xy = xy[inside]
+    np.clip(xy[:, 0], 0, width - 1, out=xy[:, 0])
+    np.clip(xy[:, 1], 0, height - 1, out=xy[:, 1])
+    return xy, inside
+
+
+def _read_box(data: np.ndarray, xy: np.ndarray, margin_px: int):
+    """Copy the frame region (C, h, w) around positions xy (n, 2) plus a margin; -> (box, bx0, by0)."""
+    _, height, width = data.shape
+    bx0 = max(int(np.floor(xy[:, 0].min())) - margin_px, 0)
+    by0 = max(int(np.floor(xy[:, 1].min())) - margin_px, 0)
+    bx1 = min(int(np.floor(xy[:, 0].max())) + margin_px + 2, width)
+    by1 = min(int(np.floor(xy[:, 1].max())) + margin_px + 2, height)
+    box = np.asarray(data[:, by0:by1, bx0:bx1], dtype=np.float32)  # native byte order copy
+    return box, bx0, by0
+
+
+def _lanczos_weights(frac: np.ndarray) -> np.ndarray:
+    """Normalised Lanczos-3 weights (n, 6) for taps at floor(x) - 2 .. floor(x) + 3."""
+    taps = np.arange(-LANCZOS_A + 1, LANCZOS_A + 1)
+    t = frac[:, None] - taps[None, :]
+    w = np.sinc(t) * np.sinc(t / LANCZOS_A)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def _interpolate_lanczos3(box: np.ndarray, x_abs, y_abs, bx0: int, by0: int) -> np.ndarray:
+    """Separable Lanczos-3 gather of box (C, h, w) at absolute frame positions -> (C, n).
+
+    Floor and fraction come from the absolute positions, so the result does not depend on
+    where the box starts (tiled and untiled stacks agree bit for bit). Taps beyond the box
+    edge (only at the frame edge, the box has a margin elsewhere) repeat the edge pixel.
+    """
+    x_floor, y_floor = np.floor(x_abs), np.floor(y_abs)
+    wx, wy = _lanczos_weights(x_abs - x_floor), _lanczos_weights(y_abs - y_floor)
+    ix0 = x_floor.astype(np.int64) - bx0
+    iy0 = y_floor.astype(np.int64) - by0
+    _, h, w = box.shape
+    out = np.zeros((box.shape[0], x_abs.size), dtype=np.float64)
+    for j, dy in enumerate(range(-LANCZOS_A + 1, LANCZOS_A + 1)):
+        iy = np.clip(iy0 + dy, 0, h - 1)
+        row = np.zeros_like(out)
+        for i, dx in enumerate(range(-LANCZOS_A + 1, LANCZOS_A + 1)):
+            ix = np.clip(ix0 + dx, 0, w - 1)
+            row += box[:, iy, ix] * wx[:, i]
+        out += row * wy[:, j]
+    return out
+
+
+def _interpolate(box: np.ndarray, xy: np.ndarray, bx0: int, by0: int, method: str) -> np.ndarray:
+    """Values (C, n) of box (C, h, w) at absolute frame positions xy (n, 2)."""
+    if method == "lanczos3":
+        return _interpolate_lanczos3(box, xy[:, 0], xy[:, 1], bx0, by0)
+    # Subtracting an integer origin is exact, so linear results do not depend on the box.
+    coords = np.stack([xy[:, 1] - by0, xy[:, 0] - bx0])
+    order = {"cubic": 3, "linear": 1}[method]
+    return np.stack(
+        [
+            ndimage.map_coordinates(channel, coords, order=order, mode="mirror", prefilter=True)
+            for channel in box
+        ]
+    )
+
+
+def warp_tile(data_memmap, warp: FrameWarp, y0: int, y1: int, x0: int, x1: int,
+              interpolation: str = "cubic") -> np.ndarray:
+    """Frame values on the reference pixels [y0:y1, x0:x1]: float32 (C, y1-y0, x1-x0).
+
+    ``data_memmap`` is the frame's (C, H, W) (or (H, W)) data, memory-mapped; only the box of
+    frame pixels the tile maps into, plus READ_MARGIN_PX, is read. NaN where the frame does
+    not cover a reference pixel. Values are not normalised (see normalise_tile).
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise NightstackError(f"unknown interpolation {interpolation!r}")
+    data = data_memmap if data_memmap.ndim == 3 else data_memmap[None]
+    n_channels, height, width = data.shape
+    out = np.full((n_channels, (y1 - y0) * (x1 - x0)), np.nan, dtype=np.float32)
+    xy, inside = _frame_coordinates(tile_pixel_grid(y0, y1, x0, x1), warp, width, height)
+    if inside.any():
+        box, bx0, by0 = _read_box(data, xy, READ_MARGIN_PX)
+        out[:, inside] = _interpolate(box, xy, bx0, by0, interpolation)
+    return out.reshape(n_channels, y1 - y0, x1 - x0)
+
+
+def normalise_tile(tile: np.ndarray, warp: FrameWarp) -> np.ndarray:
+    """Apply the frame's additive/multiplicative normalisation to a (C, h, w) tile -> float32."""
+    offset = np.asarray(warp.offset, np.float64).reshape(-1, 1, 1)
+    scale = np.asarray(warp.scale, np.float64).reshape(-1, 1, 1)
+    target = np.asarray(warp.target_level, np.float64).reshape(-1, 1, 1)
+    return ((tile - offset) / scale + target).astype(np.float32)
+
+
+def read_warped_tile(warp: FrameWarp, y0, y1, x0, x1, interpolation: str) -> np.ndarray:
+    """Open the frame memory-mapped, warp and normalise one tile, close it: (C, h, w) float32.
+
+    The file is closed after every tile so the pages read are unmapped and never add up.
+    """
+    try:
+        hdul, data = open_fits_data(warp.path)
+    except OSError as exc:
+        raise FrameError(warp.path, f"cannot read calibrated frame: {exc}") from exc
+    try:
+        tile = warp_tile(data, warp, y0, y1, x0, x1, interpolation)
+    except OSError as exc:
+        raise FrameError(warp.path, f"cannot read calibrated frame: {exc}") from exc
+    finally:
+        del data  # the mmap is only closed once no array refers to it
+        hdul.close()
+    return normalise_tile(tile, warp)
+
+
+# ---------------------------------------------------------------------------- combining
+
+
+def _frame_sum(rows: np.ndarray, mask_rows) -> np.ndarray:
+    """Sum over the frame axis of rows (N, P) where mask_rows(i) is True, in float64.
+
+    Frames are added one after another so every pixel's sum has the same rounding whatever
+    the number of pixels (tiled and untiled stacks agree exactly).
+    """
+    total = np.zeros(rows.shape[1], dtype=np.float64)
+    for i in range(rows.shape[0]):
+        total += np.where(mask_rows(i), rows[i], 0.0)
+    return total
+
+
+def _rank_mask(lo: np.ndarray, hi: np.ndarray):
+    """mask_rows function: True for sorted ranks lo <= i < hi of each pixel."""
+    return lambda i: (lo <= i) & (i < hi)
+
+
+def _median_of_run(sorted_values, lo, n) -> np.ndarray:
+    """Median (P,) float64 of the sorted run [lo, lo + n) of each pixel; NaN where n == 0."""
+    last = sorted_values.shape[0] - 1
+    i1 = np.clip(lo + (n - 1) // 2, 0, last)
+    i2 = np.clip(lo + n // 2, 0, last)
+    a = np.take_along_axis(sorted_values, i1[None], axis=0)[0].astype(np.float64)
+    b = np.take_along_axis(sorted_values, i2[None], axis=0)[0].astype(np.float64)
+    return np.where(n > 0, 0.5 * (a + b), np.nan)
+
+
+def _std_of_run(values, lo, hi) -> np.ndarray:
+    """Sample standard deviation (P,) of ranks [lo, hi) of each pixel; 0 where fewer than 2."""
+    n = hi - lo
+    in_run = _rank_mask(lo, hi)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (_frame_sum(values, in_run) / n).astype(np.float32)
+        sq = np.zeros(values.shape[1], dtype=np.float64)
+        for i in range(values.shape[0]):
+            d = values[i] - mean
+            sq += np.where(in_run(i), d * d, 0.0)
+        return np.where(n > 1, np.sqrt(sq / (n - 1)), 0.0)
+
+
+def _winsorized_sigma(sorted_values, lo, hi, centre, sigma) -> np.ndarray:
+    """Siril's robust sigma: winsorize at centre +- 1.5 sigma, sigma = 1.134 std, until stable.
+
+    Each pixel stops once its sigma changes by less than WINSOR_TOLERANCE (relative).
+    """
+    w = sorted_values.copy()
+    active = np.ones(sigma.shape, dtype=bool)
+    for _ in range(WINSOR_MAX_ITERATIONS):
+        half_width = np.where(active, WINSOR_CLIP_SIGMA * sigma, np.inf)
+        np.clip(w, (centre - half_width).astype(np.float32),
+                (centre + half_width).astype(np.float32), out=w)
+        new_sigma = WINSOR_FACTOR * _std_of_run(w, lo, hi)
+        settled = np.abs(new_sigma - sigma) <= WINSOR_TOLERANCE * sigma
+        sigma = np.where(active, new_sigma, sigma)
+        active &= ~settled
+        if not active.any():
+            break
+    return sigma
+
+
+def _count_outside(sorted_values, lo, hi, low_limit, high_limit):
+    """Numbers (P,) of values in ranks [lo, hi) below low_limit and above high_limit."""
+    in_run = _rank_mask(lo, hi)
+    n_below = np.zeros(lo.shape, dtype=np.int64)
+    n_above = np.zeros(lo.shape, dtype=np.int64)
+    for i in range(sorted_values.shape[0]):
+        row, inside = sorted_values[i], in_run(i)
+        n_below += inside & (row < low_limit)
+        n_above += inside & (row > high_limit)
+    return n_below, n_above
+
+
+def _clip_runs(sorted_values, n_valid, cfg: StackConfig):
+    """Kept rank run [lo, hi) (P,) of each pixel after sigma or winsorized clipping.
+
+    Only pixels with at least min_frames_for_clipping values are clipped, and a pixel stops
+    once nothing changed or fewer than that many values remain.
+    """
+    lo = np.zeros(n_valid.shape, dtype=np.int64)
+    hi = n_valid.astype(np.int64)
+    active = np.flatnonzero(n_valid >= cfg.min_frames_for_clipping)
+    for _ in range(cfg.iterations):
+        if active.size == 0:
+            break
+        sub = sorted_values if active.size == n_valid.size else sorted_values[:, active]
+        a_lo, a_hi = lo[active], hi[active]
+        centre = _median_of_run(sub, a_lo, a_hi - a_lo)
+        sigma = _std_of_run(sub, a_lo, a_hi)
+        if cfg.method == "winsorized":
+            sigma = _winsorized_sigma(sub, a_lo, a_hi, centre, sigma)
+        n_below, n_above = _count_outside(
+            sub, a_lo, a_hi, centre - cfg.sigma_low * sigma, centre + cfg.sigma_high * sigma
+        )
+        lo[active] += n_below
+        hi[active] -= n_above
+        changed = (n_below + n_above) > 0
+        active = active[changed & (hi[active] - lo[active] >= cfg.min_frames_for_clipping)]
+    return lo, hi
+
+
+def _mean_of_kept(values, kept, weights) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean (P,) float32 and count (P,) of the kept values; NaN where none is kept."""
+    num = np.zeros(values.shape[1], dtype=np.float64)
+    den = np.zeros(values.shape[1], dtype=np.float64)
+    for i in range(values.shape[0]):
+        num += np.where(kept[i], values[i], 0.0) * weights[i]
+        den += kept[i] * weights[i]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(den > 0, num / den, np.nan)
+    return mean.astype(np.float32), kept.sum(axis=0, dtype=np.int32)
+
+
+def _check_weights(weights, n_frames: int) -> np.ndarray:
+    if weights is None:
+        return np.ones(n_frames, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64).ravel()
+    if weights.shape != (n_frames,):
+        raise NightstackError(f"need one weight per frame ({n_frames}), got {weights.size}")
+    if not (np.all(np.isfinite(weights)) and np.all(weights >= 0) and weights.sum() > 0):
+        raise NightstackError("frame weights must be finite, >= 0 and not all zero")
+    return weights
+
+
+def combine_with_rejection(values, cfg: StackConfig, weights=None):
+    """Combine a stack along its first axis, also saying which values were rejected.
+
+    values: (N, ...) array, NaN = missing. weights: (N,) or None, used by the means.
+    Returns (combined (...) float32, NaN where no value; n_used (...) int32 = values that
+    entered the result; rejected (N, ...) bool = finite values that clipping removed).
+    """
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim < 1 or values.shape[0] == 0:
+        raise NightstackError("nothing to combine: the stack has no frames")
+    n_frames, pixel_shape = values.shape[0], values.shape[1:]
+    flat = values.reshape(n_frames, -1)
+    weights = _check_weights(weights, n_frames)
+    finite = np.isfinite(flat)
+    no_rejection = np.zeros_like(finite)
+    if cfg.method == "max":
+        combined = np.fmax.reduce(flat, axis=0)
+        n_used, rejected = finite.sum(axis=0, dtype=np.int32), no_rejection
+    elif cfg.method == "median":
+        sorted_values = np.sort(flat, axis=0)
+        n_used = finite.sum(axis=0, dtype=np.int32)
+        combined = _median_of_run(sorted_values, np.zeros_like(n_used), n_used).astype(np.float32)
+        rejected = no_rejection
+    elif cfg.method in CLIPPING_METHODS:
+        kept = _clipped_kept_mask(flat, finite, cfg)
+        combined, n_used = _mean_of_kept(flat, kept, weights)
+        rejected = finite & ~kept
+    elif cfg.method == "mean":
+        combined, n_used = _mean_of_kept(flat, finite, weights)
+        rejected = no_rejection
+    else:
+        raise NightstackError(f"unknown stack method {cfg.method!r}")
+    return (
+        combined.reshape(pixel_shape),
+        n_used.reshape(pixel_shape),
+        rejected.reshape(values.shape),
+    )
+
+
+def _clipped_kept_mask(flat, finite, cfg: StackConfig) -> np.ndarray:
+    """Boolean (N, P) of the values kept by sigma / winsorized clipping."""
+    sorted_values = np.sort(flat, axis=0)  # NaN sort last
+    lo, hi = _clip_runs(sorted_values, finite.sum(axis=0), cfg)
+    # The kept run of the sorted stack is exactly the values between its two end values
+    # (rejection thresholds are strict, so no value equal to an end was rejected).
+    last = flat.shape[0] - 1
+    low_end = np.take_along_axis(sorted_values, np.clip(lo, 0, last)[None], axis=0)[0]
+    high_end = np.take_along_axis(sorted_values, np.clip(hi - 1, 0, last)[None], axis=0)[0]
+    del sorted_values
+    kept = finite & (flat >= low_end) & (flat <= high_end)
+    kept[:, hi <= lo] = False
+    return kept
+
+
+def combine(values, cfg: StackConfig, weights=None):
+    """Combine a stack (N, ...) along the frame axis -> (combined (...) float32, n_used (...)).
+
+    NaN marks missing values; see the module docstring for the methods. n_used counts the
+    values that entered each result (after rejection for the clipping methods).
+    """
+    combined, n_used, _ = combine_with_rejection(values, cfg, weights)
+    return combined, n_used
+
+
+# ---------------------------------------------------------------------------- stacking
+
+
+def _check_frame(warp: FrameWarp, n_channels: int) -> None:
+    """Raise FrameError if the frame's file, shape or normalisation cannot be stacked."""
+    try:
+        hdul, data = open_fits_data(warp.path)
+    except (OSError, ValueError) as exc:
+        raise FrameError(warp.path, f"cannot open calibrated frame: {exc}") from exc
+    try:
+        if data is None:
+            raise FrameError(warp.path, "calibrated frame has no image data")
+        shape = data.shape if data.ndim == 3 else (1, *data.shape)
+    finally:
+        del data
+        hdul.close()
+    expected = (n_channels, warp.frame_camera.height_px, warp.frame_camera.width_px)
+    if len(shape) != 3 or shape != expected:
+        raise FrameError(warp.path, f"data shape {shape} does not match expected {expected}")
+    for name in ("offset", "scale", "target_level"):
+        arr = np.asarray(getattr(warp, name), dtype=float)
+        if arr.shape != (n_channels,) or not np.all(np.isfinite(arr)):
+            raise FrameError(warp.path, f"{name} must be {n_channels} finite numbers")
+    if np.any(np.asarray(warp.scale, dtype=float) <= 0):
+        raise FrameError(warp.path, "normalisation scale must be > 0")
+    if not (np.isfinite(warp.weight) and warp.weight > 0):
+        raise FrameError(warp.path, f"noise weight must be a positive number, got {warp.weight}")
+
+
+def usable_warps(warps: list[FrameWarp], out_shape) -> tuple[list[FrameWarp], dict]:
+    """Split frames into those that can be stacked and {path: reason} for the others."""
+    n_channels, height, width = out_shape
+    good, skipped = [], {}
+    for warp in warps:
+        ref = warp.ref_camera
+        if (ref.height_px, ref.width_px) != (height, width):
+            raise NightstackError(
+                f"reference camera is {ref.width_px}x{ref.height_px} px but the stack is "
+                f"{width}x{height} px"
+            )
+        try:
+            _check_frame(warp, n_channels)
+        except FrameError as exc:
+            log.warning("skipping %s", exc)
+            skipped[warp.path] = exc.reason
+            continue
+        good.append(warp)
+    return good, skipped
+
+
+def _fallback_note(cfg: StackConfig, coverage: np.ndarray, n_frames: int) -> str | None:
+    """Say where a clipping method fell back to the mean for want of frames."""
+    if cfg.method not in CLIPPING_METHODS:
+        return None
+    if n_frames < cfg.min_frames_for_clipping:
+        return (f"only {n_frames} frame(s), fewer than min_frames_for_clipping="
+                f"{cfg.min_frames_for_clipping}: {cfg.method} fell back to the mean everywhere")
+    thin = np.count_nonzero((coverage > 0) & (coverage < cfg.min_frames_for_clipping))
+    if thin:
+        return (f"{thin} pixel(s) covered by fewer than {cfg.min_frames_for_clipping} frames "
+                f"use the mean instead of {cfg.method}")
+    return None
+
+
+def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = None,
+                 progress=None):
+    """Warp all frames onto the reference grid and combine them, tile by tile.
+
+    warps: one FrameWarp per accepted frame. out_shape: (C, H, W) of the reference grid.
+    progress: optional callable, called with 1 after each tile (nightstack.logs.Progress).
+    Returns (image (C, H, W) float32, 0 where no frame covers; coverage (H, W) int16 = number
+    of frames covering each pixel; info dict with the tile plan, rejected-pixel fraction per
+    frame, skipped frames and notes).
+    """
+    cfg = cfg or StackConfig()
+    validate_stack_config(cfg)
+    n_channels, height, width = (int(v) for v in out_shape)
+    warps, skipped = usable_warps(list(warps), (n_channels, height, width))
+    if not warps:
+        raise NightstackError("no frame left to stack" + (
+            f" ({len(skipped)} unreadable)" if skipped else ""))
+    n_frames = len(warps)
+    weights = np.array([w.weight for w in warps]) if cfg.weighting == "noise" else None
+    plan = plan_tiles(n_frames, (n_channels, height, width), cfg.memory_mb)
+    notes = []
+    if plan.over_budget:
+        notes.append(f"{n_frames} frames need about {plan.peak_mb:.0f} MB even with "
+                     f"{MIN_TILE_PX}x{MIN_TILE_PX} px tiles, above memory_mb={cfg.memory_mb}")
+        log.warning(notes[-1])
+
+    image = np.zeros((n_channels, height, width), dtype=np.float32)
+    coverage = np.zeros((height, width), dtype=np.int16)
+    rejected_count = np.zeros(n_frames, dtype=np.int64)
+    valid_count = np.zeros(n_frames, dtype=np.int64)
+    buffer = np.empty(n_frames * n_channels * plan.tile_h * plan.tile_w, dtype=np.float32)
+    for y0, y1, x0, x1 in tile_bounds(plan, height, width):
+        stack = buffer[: n_frames * n_channels * (y1 - y0) * (x1 - x0)].reshape(
+            n_frames, n_channels, y1 - y0, x1 - x0)
+        for i, warp in enumerate(warps):
+            stack[i] = read_warped_tile(warp, y0, y1, x0, x1, cfg.interpolation)
+        finite = np.isfinite(stack)
+        coverage[y0:y1, x0:x1] = finite.sum(axis=0).max(axis=0)
+        valid_count += finite.reshape(n_frames, -1).sum(axis=1)
+        del finite
+        combined, _, rejected = combine_with_rejection(stack, cfg, weights)
+        rejected_count += rejected.reshape(n_frames, -1).sum(axis=1)
+        image[:, y0:y1, x0:x1] = np.nan_to_num(combined, nan=0.0)
+        if progress is not None:
+            progress(1)
+
+    fallback = _fallback_note(cfg, coverage, n_frames)
+    if fallback:
+        notes.append(fallback)
+        log.info(fallback)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rejected_fraction = np.where(valid_count > 0, rejected_count / valid_count, 0.0)
+    info = {
+        "method": cfg.method,
+        "interpolation": cfg.interpolation,
+        "weighting": cfg.weighting,
+        "n_frames": n_frames,
+        "tile_h": plan.tile_h,
+        "tile_w": plan.tile_w,
+        "n_tiles": plan.n_tiles,
+        "buffer_mb": round(plan.buffer_mb, 3),
+        "peak_buffer_mb": round(plan.peak_mb, 3),
+        "memory_mb": cfg.memory_mb,
+        "over_budget": plan.over_budget,
+        "uncovered_fraction": float(np.mean(coverage == 0)),
+        "rejected_fraction": {w.path: float(f) for w, f in zip(warps, rejected_fraction)},
+        "weights": None if weights is None else {w.path: float(w.weight) for w in warps},
+        "skipped_frames": skipped,
+        "notes": notes,
+    }
+    return image, coverage, info

@@ -1,0 +1,450 @@
+"""One function per workflow stage: files in, artifact out.
+
+The Snakemake scripts in scripts/ only unpack ``snakemake.input/params/output`` and call
+these; everything here is plain Python, so a stage can be run and tested without Snakemake.
+A frame that cannot be used is never an exception here: its artifact records
+``status: rejected`` and the reason, and the next stages carry that forward.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table
+
+from . import __version__
+from .background import background_config_from_dict, remove_background
+from .calibration import calibrate, make_master, master_from_fits, master_to_fits_header
+from .camera import Camera, default_focal_px
+from .errors import FrameError, NightstackError
+from .io import read_catalog, read_fits_image, read_json, write_catalog, write_fits_image, write_json
+from .loading import load_frame
+from .logs import Progress, log
+from .registration import (
+    Pose,
+    RegistrationConfig,
+    StarList,
+    estimate_pose,
+    frame_homography,
+    solve_night,
+)
+from .stars import detect_stars, luminance, star_config_from_dict
+
+SOFTWARE = f"nightstack {__version__}"
+
+
+# --------------------------------------------------------------------------- masters
+
+
+def master_step(kind: str, paths, output, params: dict, bias=None, dark=None) -> None:
+    """Combine calibration frames of one kind into a float32 master FITS."""
+    frames, skipped = [], []
+    progress = Progress(f"loading {kind} frames", len(paths))
+    for path in paths:
+        try:
+            frames.append(load_frame(path))
+        except FrameError as exc:
+            skipped.append(exc)
+            log.warning("skipping %s frame %s", kind, exc)
+        progress()
+    if not frames:
+        reasons = "; ".join(str(e) for e in skipped) or "no files"
+        raise NightstackError(f"no usable {kind} frame ({reasons})")
+    bias_m = master_from_fits(bias) if bias else None
+    dark_m = master_from_fits(dark) if dark else None
+    master = make_master(frames, kind, bias=bias_m, dark=dark_m, sigma=params.get("master_sigma", 3.0))
+    header = master_to_fits_header(master)
+    header["SOFTWARE"] = SOFTWARE
+    for exc in skipped:
+        header.add_history(f"skipped {exc}"[:68])
+    write_fits_image(output, master.data, header)
+    log.info("master %s from %d frames written to %s", kind, master.n_frames, output)
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def rejected_header(source: str, reason: str) -> dict:
+    return {"NSSTATUS": "rejected", "NSREASON": reason[:60], "SOURCE": source, "SOFTWARE": SOFTWARE}
+
+
+def _long_reason(header) -> str:
+    return str(header.get("NSREASON", "rejected"))
+
+
+def calibrate_step(light, output, masters: dict, calib_params: dict, background_params: dict) -> None:
+    """Calibrate one light (raw mosaic), demosaic, remove the sky gradient, write float32 FITS."""
+    source = Path(light).name
+    try:
+        raw = load_frame(light)
+        loaded = {k: master_from_fits(p) for k, p in masters.items() if p}
+        cal = calibrate(raw, loaded.get("bias"), loaded.get("dark"), loaded.get("flat"), calib_params)
+    except FrameError as exc:
+        log.warning("rejected %s: %s", source, exc.reason)
+        write_fits_image(output, None, {**rejected_header(source, exc.reason), "NSFULL": exc.reason[:68]})
+        return
+    data = cal.data
+    header = {
+        "NSSTATUS": "ok",
+        "SOURCE": source,
+        "SOFTWARE": SOFTWARE,
+        "BUNIT": "ADU",
+    }
+    meta_keys = {
+        "exptime_s": "EXPTIME",
+        "date_obs": "DATE-OBS",
+        "instrument": "INSTRUME",
+        "gain": "GAIN",
+        "iso": "ISOSPEED",
+        "cfa_pattern": "BAYERPAT",
+        "focal_mm": "FOCALLEN",
+        "pixel_um": "XPIXSZ",
+    }
+    for key, card in meta_keys.items():
+        value = cal.meta.get(key)
+        if value is not None and value != "":
+            header[card] = value
+    if background_params.get("before_stars", True):
+        data, _ = remove_background(data, background_config_from_dict(_bg_only(background_params)))
+        cal.notes.append("light-pollution gradient removed")
+    from astropy.io import fits
+
+    hdr = fits.Header()
+    for k, v in header.items():
+        hdr[k] = v
+    for note in cal.notes:
+        hdr.add_history(note)
+    write_fits_image(output, data, hdr)
+    log.info("calibrated %s: %s", source, "; ".join(cal.notes) or "no calibration frames")
+
+
+def _bg_only(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k not in ("before_stars", "after_stack")}
+
+
+# --------------------------------------------------------------------------- stars
+
+
+def channel_levels(data: np.ndarray, step: int = 4):
+    """Per-channel sky level and noise (ADU) of a (C, H, W) image, from a subsample."""
+    sub = np.asarray(data[:, ::step, ::step], dtype=np.float32)
+    med = np.nanmedian(sub.reshape(sub.shape[0], -1), axis=1)
+    mad = np.nanmedian(np.abs(sub.reshape(sub.shape[0], -1) - med[:, None]), axis=1)
+    # the subsample skips pixels, so neighbour correlation from demosaicing is mostly avoided
+    return med, 1.4826 * mad
+
+
+def stars_step(calibrated, output, star_params: dict) -> None:
+    """Detect stars in a calibrated frame and write the catalog (ECSV) with frame statistics."""
+    data, header = read_fits_image(calibrated, memmap=False)
+    source = header.get("SOURCE", Path(calibrated).name)
+    if header.get("NSSTATUS") != "ok" or data is None:
+        table = Table(names=["x", "y", "flux", "fwhm_px", "ellipticity", "snr", "peak"])
+        table.meta.update(status="rejected", reason=_long_reason(header), source=source)
+        write_catalog(output, table)
+        return
+    cfg = star_config_from_dict(star_params)
+    table = detect_stars(data, cfg)
+    bg, noise = channel_levels(data)
+    table.meta.update(
+        status="ok",
+        source=source,
+        width_px=int(data.shape[-1]),
+        height_px=int(data.shape[-2]),
+        n_channels=int(data.shape[0]) if data.ndim == 3 else 1,
+        exptime_s=header.get("EXPTIME"),
+        date_obs=header.get("DATE-OBS"),
+        focal_mm=header.get("FOCALLEN"),
+        pixel_um=header.get("XPIXSZ"),
+        channel_background=[float(v) for v in bg],
+        channel_noise=[float(v) for v in noise],
+    )
+    if len(table) < 3:
+        table.meta.update(status="rejected", reason=f"only {len(table)} stars detected")
+    write_catalog(output, table)
+    log.info("%s: %d stars, median FWHM %.2f px", source, len(table), table.meta.get("fwhm_px_median", float("nan")))
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_step(night: str, catalogs: dict, output, reference: str = "auto") -> None:
+    """Choose the reference frame and write reference.json."""
+    metas = {fid: read_catalog(p).meta for fid, p in catalogs.items()}
+    usable = {fid: m for fid, m in metas.items() if m.get("status") == "ok"}
+    if not usable:
+        reasons = "; ".join(f"{m.get('source', fid)}: {m.get('reason')}" for fid, m in metas.items())
+        raise NightstackError(f"night '{night}' has no usable frame ({reasons})")
+    if reference != "auto":
+        match = [fid for fid, m in usable.items() if m.get("source") == reference or fid == reference]
+        if not match:
+            raise NightstackError(f"night '{night}': reference '{reference}' is not a usable light of this night")
+        chosen = match[0]
+    else:
+        sizes = Counter((m["width_px"], m["height_px"]) for m in usable.values())
+        size = sizes.most_common(1)[0][0]
+        same = {f: m for f, m in usable.items() if (m["width_px"], m["height_px"]) == size}
+        fwhm = np.array([m.get("fwhm_px_median") or np.inf for m in same.values()], float)
+        limit = 1.2 * np.nanmedian(fwhm[np.isfinite(fwhm)]) if np.any(np.isfinite(fwhm)) else np.inf
+        sharp = [f for f, w in zip(same, fwhm) if w <= limit] or list(same)
+        chosen = max(sharp, key=lambda f: (same[f].get("n_stars", 0), -list(catalogs).index(f)))
+    meta = usable[chosen]
+    write_json(output, {"night": night, "frame": chosen, "source": meta.get("source"), "catalog": str(catalogs[chosen])})
+    log.info("reference of night %s: %s", night, meta.get("source"))
+
+
+def reference_camera(meta: dict, reg_params: dict) -> Camera:
+    """The reference camera: size from the catalog, focal length from config, header or a guess."""
+    focal_mm = reg_params.get("focal_mm") or meta.get("focal_mm")
+    pixel_um = reg_params.get("pixel_um") or meta.get("pixel_um")
+    w, h = int(meta["width_px"]), int(meta["height_px"])
+    return Camera(w, h, default_focal_px(w, h, focal_mm, pixel_um))
+
+
+def registration_config(reg_params: dict) -> RegistrationConfig:
+    dist = reg_params.get("distortion", "auto")
+    dist = {True: "on", False: "off"}.get(dist, dist)
+    keys = ("min_pairs", "max_rms_px", "per_frame_focal")
+    return RegistrationConfig(distortion=dist, **{k: reg_params[k] for k in keys if k in reg_params})
+
+
+# --------------------------------------------------------------------------- pose
+
+
+def _pose_record(frame: str, source: str, pose: Pose, ref_cam: Camera, h=None) -> dict:
+    rec = {"frame": frame, "file": source, "status": pose.status, "reason": pose.reason,
+           "pairs_matched": pose.n_pairs, "residual_rms_px": _num(pose.rms_px)}
+    if pose.status == "accepted":
+        focal = ref_cam.focal_px * pose.zoom
+        rec.update(
+            rotation=pose.rotation().tolist(), rotvec=pose.rotvec.tolist(), zoom=pose.zoom,
+            focal_px=focal, flux_scale=pose.flux_scale,
+            H=(h if h is not None else _h(ref_cam, pose)).tolist(),
+            pairs=pose.pairs.tolist(),
+        )
+    return rec
+
+
+def _h(ref_cam, pose):
+    from .camera import homography
+
+    return homography(ref_cam, ref_cam.with_focal(ref_cam.focal_px * pose.zoom), pose.rotation())
+
+
+def _num(x):
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def pose_step(frame: str, catalog, reference_json, output, reg_params: dict) -> None:
+    """Register one frame's stars on the reference's; write the pose JSON."""
+    ref_info = read_json(reference_json)
+    table = read_catalog(catalog)
+    meta = table.meta
+    source = meta.get("source", frame)
+    ref_table = read_catalog(ref_info["catalog"])
+    ref_cam = reference_camera(ref_table.meta, reg_params)
+    cfg = registration_config(reg_params)
+    if meta.get("status") != "ok":
+        pose = Pose(status="rejected", reason=meta.get("reason", "rejected"))
+    elif (meta["width_px"], meta["height_px"]) != (ref_cam.width_px, ref_cam.height_px):
+        pose = Pose(status="rejected", reason=(
+            f"frame is {meta['width_px']}x{meta['height_px']} px but the reference is "
+            f"{ref_cam.width_px}x{ref_cam.height_px} px"))
+    elif frame == ref_info["frame"]:
+        pose = Pose(status="accepted", n_pairs=len(table), rms_px=0.0,
+                    pairs=np.column_stack([np.arange(len(table))] * 2))
+    else:
+        pose = estimate_pose(StarList.from_table(table), StarList.from_table(ref_table), ref_cam, cfg)
+    write_json(output, _pose_record(frame, source, pose, ref_cam))
+    log.info("%s: %s %s (%d pairs, RMS %s px)", source, pose.status, pose.reason, pose.n_pairs, _num(pose.rms_px))
+
+
+# --------------------------------------------------------------------------- solve
+
+
+def _pose_from_record(rec: dict) -> Pose:
+    if rec["status"] != "accepted":
+        return Pose(status="rejected", reason=rec.get("reason", ""))
+    return Pose(status="accepted", rotvec=np.asarray(rec["rotvec"], float), zoom=float(rec["zoom"]),
+                n_pairs=int(rec["pairs_matched"]), rms_px=float(rec["residual_rms_px"] or 0.0),
+                pairs=np.asarray(rec["pairs"], int).reshape(-1, 2), flux_scale=float(rec["flux_scale"]))
+
+
+def solve_step(night: str, frames: list, catalogs: dict, poses: dict, reference_json, output,
+               reg_params: dict) -> None:
+    """Global bundle adjustment of a night; writes solution.json listing every frame."""
+    ref_info = read_json(reference_json)
+    ref_id = ref_info["frame"]
+    cfg = registration_config(reg_params)
+    tables = {f: read_catalog(catalogs[f]) for f in frames}
+    records = {f: read_json(poses[f]) for f in frames}
+    ref_cam = reference_camera(tables[ref_id].meta, reg_params)
+    others = [f for f in frames if f != ref_id]
+    pose_list = [_pose_from_record(records[f]) for f in others]
+    star_lists = [StarList.from_table(tables[f]) for f in others]
+    ref_stars = StarList.from_table(tables[ref_id])
+    if any(p.status == "accepted" for p in pose_list):
+        sol = solve_night(ref_stars, star_lists, pose_list, ref_cam, cfg)
+        camera, solved = sol.ref_camera, sol.poses
+        frame_rms = dict(zip(others, sol.frame_rms_px))
+        bundle = {"n_tracks": sol.n_tracks, "n_observations": sol.n_observations,
+                  "rms_centre_px": _num(sol.rms_centre_px), "rms_outer_px": _num(sol.rms_outer_px),
+                  "distortion_used": sol.distortion_used}
+    else:
+        camera, solved, frame_rms, bundle = ref_cam, pose_list, {}, {"n_tracks": 0}
+    solved_by_id = dict(zip(others, solved))
+    solved_by_id[ref_id] = Pose(status="accepted", n_pairs=len(tables[ref_id]), rms_px=0.0)
+    frame_records = []
+    for f in frames:
+        pose = solved_by_id[f]
+        rms = frame_rms.get(f, 0.0 if f == ref_id else pose.rms_px)
+        if pose.status == "accepted" and f != ref_id and rms is not None and rms > cfg.max_rms_px:
+            pose = Pose(status="rejected", reason=f"residual RMS {rms:.2f} px after the global solution exceeds {cfg.max_rms_px} px")
+        pose.rms_px = rms if rms is not None else float("nan")
+        rec = _pose_record(f, tables[f].meta.get("source", f), pose, camera)
+        rec.pop("pairs", None)
+        meta = tables[f].meta
+        rec.update(exptime_s=meta.get("exptime_s"), date_obs=meta.get("date_obs"),
+                   n_stars=len(tables[f]), fwhm_px=_num(meta.get("fwhm_px_median")),
+                   reference=(f == ref_id))
+        frame_records.append(rec)
+    accepted = [r for r in frame_records if r["status"] == "accepted"]
+    for r in frame_records:
+        if r["status"] != "accepted":
+            log.warning("night %s: frame %s rejected: %s", night, r["file"], r["reason"])
+    write_json(output, {
+        "night": night, "software": SOFTWARE, "reference": ref_id,
+        "reference_file": ref_info.get("source"),
+        "convention": "H maps a reference pixel (x, y, 1) to this frame's pixel; 0-based, x = column",
+        "camera": {"width_px": camera.width_px, "height_px": camera.height_px,
+                   "focal_px": camera.focal_px, "k1": camera.k1, "k2": camera.k2},
+        "bundle": bundle,
+        "n_frames": len(frames), "n_accepted": len(accepted),
+        "frames": frame_records,
+    })
+    log.info("night %s: %d of %d frames accepted", night, len(accepted), len(frames))
+
+
+# --------------------------------------------------------------------------- stack
+
+
+def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, output, stack_params: dict) -> None:
+    """Reproject every accepted frame into the reference and combine; write the linear stack."""
+    from astropy.io import fits
+
+    from .stacking import FrameWarp, stack_config_from_dict, stack_frames
+
+    sol = read_json(solution_json)
+    cam = sol["camera"]
+    ref_cam = Camera(cam["width_px"], cam["height_px"], cam["focal_px"], cam["k1"], cam["k2"])
+    ref_id = sol["reference"]
+    ref_meta = read_catalog(catalogs[ref_id]).meta
+    target = np.asarray(ref_meta["channel_background"], float)
+    warps, used = [], []
+    for rec in sol["frames"]:
+        if rec["status"] != "accepted":
+            continue
+        meta = read_catalog(catalogs[rec["frame"]]).meta
+        scale = float(rec.get("flux_scale") or 1.0)
+        if not np.isfinite(scale) or scale <= 0:
+            scale = 1.0
+        noise = np.asarray(meta["channel_noise"], float) / scale
+        warps.append(FrameWarp(
+            path=str(calibrated[rec["frame"]]),
+            ref_camera=ref_cam,
+            frame_camera=ref_cam.with_focal(rec["focal_px"]) if rec["frame"] != ref_id else ref_cam,
+            rotation=np.asarray(rec["rotation"], float) if rec["frame"] != ref_id else np.eye(3),
+            offset=np.asarray(meta["channel_background"], float),
+            scale=np.full(len(target), scale),
+            target_level=target,
+            weight=float(1.0 / max(np.mean(noise**2), 1e-12)),
+        ))
+        used.append(rec)
+    cfg = stack_config_from_dict(stack_params)
+    n_channels = int(ref_meta.get("n_channels", len(target)))
+    out_shape = (n_channels, ref_cam.height_px, ref_cam.width_px)
+    progress = Progress(f"stacking night {night}", 1)
+    image, coverage, info = stack_frames(warps, out_shape, cfg, progress=None)
+    progress()
+    exptimes = [r.get("exptime_s") for r in used if r.get("exptime_s")]
+    dates = sorted(r["date_obs"] for r in used if r.get("date_obs"))
+    hdr = fits.Header()
+    hdr["SOFTWARE"] = SOFTWARE
+    hdr["NIGHT"] = night
+    hdr["NCOMBINE"] = len(used)
+    hdr["STACKMTH"] = cfg.method
+    hdr["REFFRAME"] = sol.get("reference_file") or ref_id
+    if exptimes:
+        hdr["EXPTIME"] = (float(np.sum(exptimes)), "total exposure of the stacked frames [s]")
+    if dates:
+        hdr["DATE-BEG"], hdr["DATE-END"] = dates[0], dates[-1]
+    for i, rec in enumerate(used):
+        hdr[f"FRAME{i:03d}"] = rec["file"]
+    cov = fits.ImageHDU(coverage.astype(np.int16), name="COVERAGE")
+    write_fits_image(output, image, hdr, extra_hdus=[cov])
+    write_json(Path(output).with_suffix(".json"), {"frames": [r["file"] for r in used], "info": info})
+    log.info("night %s: stacked %d frames (%s)", night, len(used), info)
+
+
+def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: dict, output_params: dict) -> None:
+    """Final gradient removal, then stack.fits (float32 + provenance), 16-bit TIFF, PNG preview."""
+    from astropy.io import fits
+
+    from .outputs import stack_header, write_preview_png, write_stack_fits, write_tiff16
+
+    with fits.open(stack_linear) as hdul:
+        image = np.asarray(hdul[0].data, dtype=np.float32)
+        header = hdul[0].header.copy()
+        coverage = np.asarray(hdul["COVERAGE"].data) if "COVERAGE" in hdul else None
+    frames = [header[k] for k in header if k.startswith("FRAME")]
+    if background_params.get("after_stack", True):
+        valid = np.isfinite(image)
+        filled = np.where(valid, image, np.nanmedian(image))
+        image, _ = remove_background(filled, background_config_from_dict(_bg_only(background_params)))
+        image = np.where(valid, image, np.nan).astype(np.float32)
+    meta = {
+        "software_version": SOFTWARE,
+        "n_frames": int(header.get("NCOMBINE", len(frames))),
+        "frames": frames,
+        "total_exptime_s": header.get("EXPTIME"),
+        "date_obs_start": header.get("DATE-BEG"),
+        "date_obs_end": header.get("DATE-END"),
+        "method": header.get("STACKMTH"),
+        "night": header.get("NIGHT"),
+        "reference": header.get("REFFRAME"),
+    }
+    hdr = stack_header(meta)
+    write_stack_fits(out_fits, image, hdr, coverage=coverage)
+    clean = np.nan_to_num(image, nan=float(np.nanmedian(image)))
+    write_tiff16(out_tiff, clean)
+    max_side = output_params.get("png_max_side_px") or None
+    write_preview_png(out_png, clean, max_side_px=max_side)
+    log.info("wrote %s, %s, %s", out_fits, out_tiff, out_png)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def demo_step(folder, params: dict) -> None:
+    """Generate the demo night into ``folder`` (files moved in once all are written)."""
+    import shutil
+    import tempfile
+
+    from .demo import DemoConfig, generate_night
+
+    folder = Path(folder)
+    cfg = DemoConfig(**{k: v for k, v in params.items() if k != "folder"})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".demo-", dir=folder.parent) as tmp:
+        generate_night(Path(tmp) / "night", cfg)
+        src = Path(tmp) / "night"
+        files = sorted(p for p in src.rglob("*") if p.is_file())
+        # truth.json last, so a complete set of frames exists before it appears
+        files.sort(key=lambda p: p.name == "truth.json")
+        for p in files:
+            dest = folder / p.relative_to(src)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(p), dest)
+    log.info("demo night generated in %s", folder)

@@ -1,0 +1,134 @@
+import re
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from nightstack import config as ns_config
+from nightstack import demo as ns_demo
+from nightstack.errors import NightstackError
+
+
+def _load_nights():
+    """Validate the config and list every night's frames (folder scan at parse time)."""
+    ns_config.validate(config)
+    nights = ns_config.resolve_nights(config["nights"])
+    demo_folder = Path(config.get("demo", {}).get("folder", "resources/demo-night"))
+    frames, calib = {}, {}
+    for name, folder in nights.items():
+        if not folder.exists() and folder.resolve() == demo_folder.resolve():
+            found = ns_config.demo_inventory(folder, demo_config())
+        else:
+            found = ns_config.inventory(folder)
+        if not found["light"]:
+            raise NightstackError(f"night '{name}' ({folder}) holds no light frames")
+        frames[name] = ns_config.frame_ids(found["light"])
+        calib[name] = {k: found[k] for k in ns_config.CALIBRATION_KINDS}
+    return nights, frames, calib
+
+
+def demo_config():
+    params = {k: v for k, v in config.get("demo", {}).items() if k != "folder"}
+    return ns_demo.DemoConfig(**params)
+
+
+try:
+    NIGHTS, FRAMES, CALIB = _load_nights()
+except NightstackError as exc:
+    raise WorkflowError(f"nightstack: {exc}")
+
+RESULTS = config.get("results", "results")
+DEMO_FOLDER = config.get("demo", {}).get("folder", "resources/demo-night")
+
+
+wildcard_constraints:
+    night="|".join(re.escape(n) for n in NIGHTS),
+    frame="[^/]+",
+    kind="bias|dark|flat|darkflat",
+
+
+def night_dir(night):
+    return f"{RESULTS}/{night}"
+
+
+def final_outputs():
+    return [
+        f"{night_dir(n)}/stack.{ext}" for n in NIGHTS for ext in ("fits", "tif", "png")
+    ]
+
+
+def light_file(wildcards):
+    return str(FRAMES[wildcards.night][wildcards.frame])
+
+
+def calibration_files(wildcards):
+    return [str(p) for p in CALIB[wildcards.night][wildcards.kind]]
+
+
+def has_kind(night, kind):
+    return bool(CALIB[night][kind])
+
+
+def master_path(night, kind):
+    return f"{night_dir(night)}/masters/{kind}.fits"
+
+
+def master_dependencies(wildcards):
+    """Masters a master needs: darks lose the bias; flats lose the dark-flat or the bias."""
+    night, kind = wildcards.night, wildcards.kind
+    deps = {}
+    if kind == "dark" and has_kind(night, "bias"):
+        deps["bias"] = master_path(night, "bias")
+    if kind == "flat":
+        if has_kind(night, "darkflat"):
+            deps["bias"] = master_path(night, "darkflat")
+        elif has_kind(night, "bias"):
+            deps["bias"] = master_path(night, "bias")
+    return deps
+
+
+def light_masters(wildcards):
+    return {
+        kind: master_path(wildcards.night, kind)
+        for kind in ("bias", "dark", "flat")
+        if has_kind(wildcards.night, kind)
+    }
+
+
+def frames_of(night):
+    return list(FRAMES[night])
+
+
+def frame_list(wildcards):
+    return frames_of(wildcards.night)
+
+
+def catalogs_of(wildcards):
+    return [
+        f"{night_dir(wildcards.night)}/stars/{f}.ecsv" for f in frame_list(wildcards)
+    ]
+
+
+def poses_of(wildcards):
+    return [
+        f"{night_dir(wildcards.night)}/poses/{f}.json" for f in frame_list(wildcards)
+    ]
+
+
+def calibrated_of(wildcards):
+    return [
+        f"{night_dir(wildcards.night)}/calibrated/{f}.fits"
+        for f in frame_list(wildcards)
+    ]
+
+
+def demo_frames():
+    files = ns_config.demo_inventory(DEMO_FOLDER, demo_config())
+    return [str(p) for kind in files for p in files[kind]]
+
+
+def demo_params():
+    return config.get("demo", {})
+
+
+def stack_mem_mb(wildcards, attempt):
+    return int(config["stacking"].get("memory_mb", 512)) * 2 + 500 * attempt

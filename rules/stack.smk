@@ -1,0 +1,42 @@
+rule stack:
+    input:
+        calibrated=calibrated_of,
+        catalogs=catalogs_of,
+        solution=f"{RESULTS}/{{night}}/solution.json",
+    output:
+        fits=f"{RESULTS}/{{night}}/stack_linear.fits",
+        info=f"{RESULTS}/{{night}}/stack_linear.json",
+    log:
+        f"{RESULTS}/{{night}}/logs/stack.log",
+    conda:
+        "../envs/nightstack.yaml"
+    threads: 2
+    resources:
+        mem_mb=stack_mem_mb,
+        runtime=120,
+    params:
+        stacking=config["stacking"],
+        frames=frame_list,
+    script:
+        "../scripts/stack.py"
+
+
+rule outputs:
+    input:
+        f"{RESULTS}/{{night}}/stack_linear.fits",
+    output:
+        fits=f"{RESULTS}/{{night}}/stack.fits",
+        tiff=f"{RESULTS}/{{night}}/stack.tif",
+        png=f"{RESULTS}/{{night}}/stack.png",
+    log:
+        f"{RESULTS}/{{night}}/logs/outputs.log",
+    conda:
+        "../envs/nightstack.yaml"
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    params:
+        background=config["background"],
+        output=config["output"],
+    script:
+        "../scripts/outputs.py"

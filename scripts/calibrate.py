@@ -1,0 +1,15 @@
+"""Snakemake adapter: calibrate one light frame."""
+
+from nightstack.logs import run_step
+from nightstack.steps import calibrate_step
+
+masters = {k: snakemake.input.get(k) for k in ("bias", "dark", "flat")}
+run_step(
+    calibrate_step,
+    snakemake.input.light,
+    snakemake.output[0],
+    masters,
+    snakemake.params.calibration,
+    snakemake.params.background,
+    log_path=snakemake.log[0],
+)

@@ -1,0 +1,15 @@
+"""Snakemake adapter: write stack.fits, stack.tif and stack.png."""
+
+from nightstack.logs import run_step
+from nightstack.steps import outputs_step
+
+run_step(
+    outputs_step,
+    snakemake.input[0],
+    snakemake.output.fits,
+    snakemake.output.tiff,
+    snakemake.output.png,
+    snakemake.params.background,
+    snakemake.params.output,
+    log_path=snakemake.log[0],
+)

@@ -1,0 +1,16 @@
+"""Snakemake adapter: reproject and combine the accepted frames of a night."""
+
+from nightstack.logs import run_step
+from nightstack.steps import stack_step
+
+frames = list(snakemake.params.frames)
+run_step(
+    stack_step,
+    snakemake.wildcards.night,
+    snakemake.input.solution,
+    dict(zip(frames, snakemake.input.calibrated)),
+    dict(zip(frames, snakemake.input.catalogs)),
+    snakemake.output.fits,
+    snakemake.params.stacking,
+    log_path=snakemake.log[0],
+)

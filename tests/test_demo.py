@@ -1,0 +1,257 @@
+"""The demo night: files rawpy can read, and pixels that agree with the recorded truth."""
+
+import datetime as dt
+
+import numpy as np
+import pytest
+import rawpy
+from scipy import ndimage
+
+from nightstack import demo
+from nightstack.camera import Camera, apply_homography, map_ref_to_frame, rotvec_from_matrix
+from nightstack.demo import DemoConfig, generate_night, light_names
+from nightstack.errors import NightstackError
+from nightstack.io import read_json
+
+# Small frames, a long cadence so the sky turns several pixels between lights, and a dark sky
+# so bright stars centroid well. k1/k2 make the distortion several pixels at the corners.
+DISTORTED = DemoConfig(
+    n_lights=4, width_px=400, height_px=300, focal_px=600.0, k1=-0.08, k2=0.01,
+    cadence_s=600.0, n_stars=1500, sky_adu=60.0, read_noise_adu=3.0, n_hot_pixels=20,
+    satellite_frame=2, n_biases=2, n_darks=2, n_flats=2, seed=3,
+)
+ZOOMED = DemoConfig(
+    n_lights=4, width_px=400, height_px=300, focal_px=600.0, cadence_s=600.0, n_stars=1500,
+    sky_adu=60.0, read_noise_adu=3.0, n_hot_pixels=20, satellite_frame=1, n_biases=1,
+    n_darks=1, n_flats=1, zoom_steps=[1.0, 1.04, 0.96, 1.02], psf="gaussian",
+    cfa_pattern="GBRG", seed=11,
+)
+CONFIGS = {"distorted": DISTORTED, "zoomed": ZOOMED}
+
+
+@pytest.fixture(scope="module")
+def nights(tmp_path_factory):
+    """name -> (folder, truth, config) for each small demo night, generated once."""
+    root = tmp_path_factory.mktemp("demo")
+    return {name: (root / name, generate_night(root / name, cfg), cfg)
+            for name, cfg in CONFIGS.items()}
+
+
+def read_raw(path):
+    with rawpy.imread(str(path)) as raw:
+        return raw.raw_image_visible.astype(float)
+
+
+def green_centroid(mosaic, green_mask, xy, radius_px=3, iterations=3):
+    """Background-subtracted intensity-weighted centroid (x, y) of green pixels near ``xy``."""
+    rows, cols = np.mgrid[0:mosaic.shape[0], 0:mosaic.shape[1]]
+    centre = np.asarray(xy, dtype=float)
+    for _ in range(iterations):  # re-centre the window on the last estimate
+        r = np.hypot(cols - centre[0], rows - centre[1])
+        annulus = green_mask & (r > 7) & (r < 11)
+        window = green_mask & (r <= radius_px)
+        w = mosaic[window] - np.median(mosaic[annulus])
+        centre = np.array([np.sum(w * cols[window]), np.sum(w * rows[window])]) / np.sum(w)
+    return centre
+
+
+def bright_isolated_stars(truth, cfg):
+    """Reference positions (N, 2) and fluxes (N,) of bright unsaturated stars, no bright neighbour."""
+    stars = truth["stars"]
+    xy = np.array([[s["x"], s["y"]] for s in stars])
+    flux = np.array([s["flux_e"] for s in stars])
+    peak_e = flux * demo.psf_peak_fraction(cfg)
+    unsaturated = (flux > 1500) & (peak_e < 0.6 * (cfg.white_level - cfg.bias_adu))
+    keep = []
+    for i in np.flatnonzero(unsaturated):  # a few dozen candidates
+        d = np.hypot(*(xy - xy[i]).T)
+        neighbours = (d > 0) & (d < 8) & (flux > 0.05 * flux[i])
+        if not neighbours.any():
+            keep.append(i)
+    return xy[keep], flux[keep]
+
+
+def distance_to_trail_px(xy, satellite):
+    angle = np.radians(satellite["angle_deg"])
+    return np.abs((xy[:, 0] - satellite["x"]) * np.sin(angle)
+                  - (xy[:, 1] - satellite["y"]) * np.cos(angle))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_star_centroids_follow_truth_homography_and_distortion(nights, name):
+    folder, truth, cfg = nights[name]
+    ref_cam = Camera(**truth["camera"])
+    stars_ref, flux = bright_isolated_stars(truth, cfg)
+    green = demo.cfa_channel_map(cfg.cfa_pattern, cfg.height_px, cfg.width_px) == 1
+    errors, fluxes, distortion_shift = [], [], []
+    for frame in truth["frames"]:
+        cam = ref_cam.with_focal(frame["focal_px"])
+        h = np.array(frame["H"])
+        predicted = cam.distort(apply_homography(h, ref_cam.undistort(stars_ref)))
+        assert np.allclose(predicted, map_ref_to_frame(stars_ref, ref_cam, cam,
+                                                       np.array(frame["rotation"])))
+        usable = ((predicted > 12).all(axis=1) & (predicted[:, 0] < cfg.width_px - 12)
+                  & (predicted[:, 1] < cfg.height_px - 12))
+        if frame["index"] == truth["satellite_frame"]:
+            usable &= distance_to_trail_px(predicted, truth["satellite"]) > 12
+        mosaic = read_raw(folder / frame["file"])
+        measured = np.array([green_centroid(mosaic, green, p) for p in predicted[usable]])
+        errors.append(np.hypot(*(measured - predicted[usable]).T))
+        fluxes.append(flux[usable])
+        if cam.has_distortion:
+            undistorted = apply_homography(h, ref_cam.undistort(stars_ref[usable]))
+            distortion_shift.append(np.hypot(*(undistorted - predicted[usable]).T))
+    errors, fluxes = np.concatenate(errors), np.concatenate(fluxes)
+    assert errors.size >= 20, "too few bright isolated stars to test"
+    assert np.median(errors) < 0.15
+    assert np.max(errors[fluxes > 3000]) < 0.3  # the brightest, least noisy centroids
+    assert np.max(errors) < 0.5
+    if cfg.k1:
+        # The distortion is really in the pixels: ignoring it would miss by far more.
+        distortion_shift = np.concatenate(distortion_shift)
+        assert np.median(distortion_shift) > 0.5 and np.max(distortion_shift) > 2.0
+
+
+def test_sky_turns_about_the_pole_between_frames(nights):
+    _, truth, cfg = nights["distorted"]
+    frames = truth["frames"]
+    assert np.allclose(frames[0]["H"], np.eye(3), atol=1e-12)
+    for frame in frames:
+        rotation = np.array(frame["rotation"])
+        assert np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-12)
+        angle = np.linalg.norm(frame["rotvec"])
+        assert angle == pytest.approx(demo.SIDEREAL_RATE_RAD_S * frame["time_s"], rel=1e-9)
+        assert np.allclose(rotvec_from_matrix(rotation), frame["rotvec"])
+    # Pixels near the pole move least: the pole stays (almost) put in every frame.
+    pole = np.array([truth["pole_ref_px"]])
+    last = np.array(frames[-1]["H"])
+    cam = Camera(**truth["camera"])
+    centre_shift = np.hypot(*(apply_homography(last, cam.centre[None]) - cam.centre)[0])
+    pole_shift = np.hypot(*(apply_homography(last, cam.undistort(pole)) - cam.undistort(pole))[0])
+    assert pole[0, 1] < 0 and pole_shift < 0.01 * centre_shift
+
+
+def test_every_file_reads_back_with_rawpy(nights):
+    for folder, truth, cfg in nights.values():
+        kinds = {"lights": (cfg.n_lights, cfg.exptime_s), "biases": (cfg.n_biases, 1 / 4000),
+                 "darks": (cfg.n_darks, cfg.exptime_s), "flats": (cfg.n_flats, 1.0)}
+        for sub, (count, exptime_s) in kinds.items():
+            files = sorted((folder / sub).glob("*.dng"))
+            assert len(files) == count
+            for path in files:
+                with rawpy.imread(str(path)) as raw:
+                    letters = raw.color_desc.decode()
+                    seen = "".join(letters[i] for i in raw.raw_pattern.flatten())
+                    assert seen == cfg.cfa_pattern
+                    assert list(raw.black_level_per_channel) == [cfg.bias_adu] * 4
+                    assert raw.white_level == cfg.white_level
+                    assert raw.other.shutter_speed == pytest.approx(exptime_s, rel=1e-6)
+                    assert raw.raw_image_visible.shape == (cfg.height_px, cfg.width_px)
+        assert [p.name for p in sorted((folder / "lights").glob("*.dng"))] == light_names(cfg)
+        stamps = []
+        for name in light_names(cfg):
+            with rawpy.imread(str(folder / "lights" / name)) as raw:
+                stamps.append(raw.other.timestamp)
+        gaps = [(b - a).total_seconds() if isinstance(a, dt.datetime) else b - a
+                for a, b in zip(stamps, stamps[1:])]
+        assert gaps == pytest.approx([cfg.cadence_s] * (cfg.n_lights - 1))
+        assert read_json(folder / "truth.json")["frames"] == truth["frames"]
+
+
+def test_satellite_only_in_its_frame_along_the_recorded_line(nights):
+    folder, truth, cfg = nights["distorted"]
+    sat = truth["satellite"]
+    assert truth["satellite_frame"] == sat["frame"] == cfg.satellite_frame
+    k = sat["frame"]
+    with_trail = read_raw(folder / truth["frames"][k]["file"])
+    before = read_raw(folder / truth["frames"][k - 1]["file"])
+    after = read_raw(folder / truth["frames"][k + 1]["file"])
+    (x0, y0), (x1, y1) = sat["endpoints_px"]
+    t = np.linspace(0.05, 0.95, 300)
+    along = np.stack([x0 + t * (x1 - x0), y0 + t * (y1 - y0)], axis=1)
+    normal = np.array([-(y1 - y0), x1 - x0]) / np.hypot(x1 - x0, y1 - y0)
+
+    def median_at(image, xy):
+        xy = xy[(xy[:, 0] > 0) & (xy[:, 0] < cfg.width_px - 1)
+                & (xy[:, 1] > 0) & (xy[:, 1] < cfg.height_px - 1)]
+        return np.median(image[np.round(xy[:, 1]).astype(int), np.round(xy[:, 0]).astype(int)])
+
+    for neighbour in (before, after):
+        diff = with_trail - neighbour
+        assert median_at(diff, along) > 0.3 * sat["peak_e"] / cfg.gain_e_per_adu
+        assert abs(median_at(diff, along + 15 * normal)) < 10
+        assert abs(median_at(after - before, along)) < 10
+
+
+def test_hot_pixels_sit_at_recorded_positions_in_darks_and_lights(nights):
+    folder, truth, cfg = nights["distorted"]
+    rows = np.array([h["y"] for h in truth["hot_pixels"]])
+    cols = np.array([h["x"] for h in truth["hot_pixels"]])
+    expected_adu = np.array([h["dark_adu_s"] for h in truth["hot_pixels"]]) * cfg.exptime_s
+    is_hot = np.zeros((cfg.height_px, cfg.width_px), dtype=bool)
+    is_hot[rows, cols] = True
+    for path in [folder / "darks" / "dark_000.dng", folder / "lights" / "light_001.dng"]:
+        image = read_raw(path)
+        excess = image - ndimage.median_filter(image, size=5)
+        assert np.median(excess[rows, cols] / expected_adu) == pytest.approx(1.0, abs=0.15)
+        assert np.mean(excess[~is_hot] > 0.5 * expected_adu.min()) < 0.01
+    bias = read_raw(folder / "biases" / "bias_000.dng")
+    assert np.abs(bias[rows, cols] - cfg.bias_adu).max() < 8 * cfg.read_noise_adu
+
+
+def test_flats_show_vignetting_and_calibration_frames_share_the_bias(nights):
+    folder, truth, cfg = nights["distorted"]
+    flat = read_raw(folder / "flats" / "flat_000.dng") - cfg.bias_adu
+    green = demo.cfa_channel_map(cfg.cfa_pattern, cfg.height_px, cfg.width_px) == 1
+    centre = flat[140:160, 190:210][green[140:160, 190:210]].mean()
+    corner = flat[:20, :20][green[:20, :20]].mean()
+    assert corner / centre == pytest.approx(1 - cfg.vignetting, abs=0.03)
+    bias = read_raw(folder / "biases" / "bias_000.dng")
+    dark = read_raw(folder / "darks" / "dark_000.dng")
+    assert np.median(bias) == pytest.approx(cfg.bias_adu, abs=1)
+    assert np.median(dark - bias) == pytest.approx(cfg.dark_current_adu_s * cfg.exptime_s, abs=2)
+
+
+def test_star_field_density_and_magnitude_counts():
+    cfg = DemoConfig(n_lights=3)
+    scene = demo.build_scene(cfg)
+    xy, front = demo.project(scene["cameras"][0], scene["rotations"][0], scene["directions"])
+    assert np.sum(front & demo.inside_frame(xy, scene["cameras"][0])) == cfg.n_stars
+    mags = -2.5 * np.log10(scene["flux_e"] / scene["flux_e"].min())
+    counts, edges = np.histogram(mags, bins=np.arange(-5.0, 0.1, 1.0))
+    slope_per_mag = np.polyfit(edges[:-1], np.log10(counts), 1)[0]
+    assert slope_per_mag == pytest.approx(np.log10(3.0), abs=0.08)  # x3 per magnitude
+    headroom = cfg.white_level - cfg.bias_adu - cfg.sky_adu
+    assert np.sum(scene["flux_e"] * demo.psf_peak_fraction(cfg) > headroom) >= 2
+
+
+def test_folder_appears_atomically(tmp_path, monkeypatch):
+    cfg = DemoConfig(n_lights=3, width_px=64, height_px=48, focal_px=100.0, n_stars=20,
+                     n_hot_pixels=3, satellite_frame=-1, n_biases=1, n_darks=1, n_flats=1)
+    real_write = demo.write_dng
+    calls = []
+
+    def failing_write(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "write_dng", failing_write)
+    with pytest.raises(OSError):
+        generate_night(tmp_path / "night", cfg)
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(demo, "write_dng", real_write)
+    first = generate_night(tmp_path / "night", cfg)
+    again = generate_night(tmp_path / "night", cfg)  # an earlier demo night is replaced
+    assert first == again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["night"]
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "photo.dng").write_bytes(b"x")
+    with pytest.raises(NightstackError, match="not a demo night"):
+        generate_night(tmp_path / "mine", cfg)
+    with pytest.raises(NightstackError, match="zoom_steps"):
+        generate_night(tmp_path / "bad", DemoConfig(n_lights=2, zoom_steps=[1.0],
+                                                     satellite_frame=-1))

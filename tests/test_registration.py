@@ -1,0 +1,153 @@
+"""Matching, pose and bundle adjustment against synthetic star fields with known truth."""
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from nightstack.camera import Camera, apply_homography, homography, map_ref_to_frame
+from nightstack.matching import match_coarse, mutual_nearest, triangles
+from nightstack.registration import (
+    RegistrationConfig,
+    StarList,
+    estimate_pose,
+    frame_homography,
+    solve_night,
+)
+
+
+def sky(n, rng, camera, margin=1.6):
+    """Random star directions covering the camera's field and a margin around it."""
+    w, h = camera.width_px * margin, camera.height_px * margin
+    xy = np.column_stack([rng.uniform(-w / 2, w / 2, n), rng.uniform(-h / 2, h / 2, n)])
+    rays = np.column_stack([xy / camera.focal_px, np.ones(n)])
+    flux = 10 ** rng.uniform(2, 5, n)
+    return rays / np.linalg.norm(rays, axis=1, keepdims=True), flux
+
+
+def observe(rays, flux, camera, rotation, rng, noise_px=0.05, drop=0.1):
+    """Pixels of the stars a camera sees, shuffled, with a fraction lost."""
+    cam = rays @ rotation.T
+    front = cam[:, 2] > 0
+    p = cam[:, :2] / cam[:, 2:3] * camera.focal_px + camera.centre
+    p = camera.distort(p)
+    inside = front & (p[:, 0] > 2) & (p[:, 1] > 2) & (p[:, 0] < camera.width_px - 3) & (p[:, 1] < camera.height_px - 3)
+    keep = inside & (rng.uniform(size=len(p)) > drop)
+    idx = np.nonzero(keep)[0]
+    xy = p[idx] + rng.normal(0, noise_px, (len(idx), 2))
+    order = np.argsort(-flux[idx])
+    return StarList(xy[order], flux[idx][order] * rng.uniform(0.95, 1.05, len(idx)), np.full(len(idx), max(noise_px, 0.02)))
+
+
+def grid_error(h_est, h_true, camera, step=50):
+    xs, ys = np.meshgrid(np.arange(0, camera.width_px, step), np.arange(0, camera.height_px, step))
+    pts = np.column_stack([xs.ravel(), ys.ravel()])
+    d = apply_homography(h_est, pts) - apply_homography(h_true, pts)
+    return float(np.sqrt(np.mean(np.sum(d**2, axis=1))))
+
+
+def test_triangle_descriptors_are_rotation_and_scale_invariant():
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 500, (40, 2))
+    rot = np.array([[np.cos(2.1), -np.sin(2.1)], [np.sin(2.1), np.cos(2.1)]])
+    moved = 1.07 * xy @ rot.T + [30, -12]
+    t1, d1 = triangles(xy, 6)
+    t2, d2 = triangles(moved, 6)
+    np.testing.assert_array_equal(t1, t2)
+    np.testing.assert_allclose(d1, d2, atol=1e-9)
+
+
+@pytest.mark.parametrize("angle_deg", [0.3, 45.0, 121.5, 180.0, -90.0])
+def test_coarse_match_any_rotation(angle_deg):
+    rng = np.random.default_rng(2)
+    ref = rng.uniform(0, 1000, (300, 2))
+    a = np.deg2rad(angle_deg)
+    rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    frame = (ref - 500) @ rot.T + 500 + [17.0, -8.0] + rng.normal(0, 0.1, ref.shape)
+    perm = np.sort(rng.permutation(len(ref))[:250])  # brightness order is kept
+    m = match_coarse(frame[perm], ref)
+    assert m is not None
+    back = m.transform.apply(frame[perm])
+    assert np.median(np.linalg.norm(back - ref[perm], axis=1)) < 0.5
+    assert np.isclose(m.transform.scale, 1.0, atol=0.01)
+
+
+def test_coarse_match_rejects_unrelated_field():
+    rng = np.random.default_rng(3)
+    m = match_coarse(rng.uniform(0, 800, (120, 2)), rng.uniform(0, 800, (120, 2)))
+    assert m is None or m.n_matched < 8
+
+
+def test_mutual_nearest_pairs():
+    a = np.array([[0, 0], [10, 0], [20, 0.0]])
+    b = np.array([[0.5, 0], [20.2, 0], [50, 50.0]])
+    ia, ib = mutual_nearest(a, b, 2.0)
+    assert sorted(zip(ia.tolist(), ib.tolist())) == [(0, 0), (2, 1)]
+
+
+@pytest.mark.parametrize(
+    "rotvec, n_stars",
+    [([0.002, -0.003, 0.01], 2000), ([0.0, 0.0, np.pi], 600), ([0.01, 0.0, np.deg2rad(121.5)], 400), ([0.0005, 0.001, 0.02], 15)],
+)
+def test_pose_recovers_rotation(rotvec, n_stars):
+    rng = np.random.default_rng(4)
+    cam = Camera(1200, 800, focal_px=3000.0)
+    rays, flux = sky(n_stars if n_stars > 20 else 40, rng, cam, margin=1.0 if n_stars <= 20 else 1.6)
+    rot = Rotation.from_rotvec(rotvec).as_matrix()
+    ref = observe(rays, flux, cam, np.eye(3), rng, drop=0.0 if n_stars <= 20 else 0.1)
+    frame = observe(rays, flux, cam, rot, rng, drop=0.0 if n_stars <= 20 else 0.1)
+    pose = estimate_pose(frame, ref, cam, RegistrationConfig(min_pairs=5))
+    assert pose.status == "accepted", pose.reason
+    h_true = homography(cam, cam, rot)
+    cam_k = cam.with_focal(cam.focal_px * pose.zoom)
+    err = grid_error(homography(cam, cam_k, pose.rotation()), h_true, cam)
+    assert err < 0.1
+    assert pose.rms_px < 0.15
+
+
+def test_pose_rejects_field_without_common_stars():
+    rng = np.random.default_rng(5)
+    cam = Camera(800, 600, focal_px=2000.0)
+    a = StarList(rng.uniform(0, 800, (100, 2)), np.sort(rng.uniform(1, 100, 100))[::-1], np.full(100, 0.05))
+    b = StarList(rng.uniform(0, 800, (100, 2)), np.sort(rng.uniform(1, 100, 100))[::-1], np.full(100, 0.05))
+    pose = estimate_pose(a, b, cam)
+    assert pose.status == "rejected" and pose.reason
+
+
+def test_bundle_adjustment_recovers_focal_and_distortion():
+    rng = np.random.default_rng(6)
+    true_cam = Camera(1500, 1000, focal_px=1400.0, k1=-0.08, k2=0.01)
+    rays, flux = sky(3000, rng, true_cam, margin=2.0)
+    pole = np.array([0.0, -0.8, 0.6])
+    pole /= np.linalg.norm(pole)
+    rots = [Rotation.from_rotvec(pole * 7.29e-5 * 120 * k).as_matrix() for k in range(8)]
+    obs = [observe(rays, flux, true_cam, r, rng, noise_px=0.05) for r in rots]
+    guess = Camera(1500, 1000, focal_px=1800.0)
+    cfg = RegistrationConfig()
+    poses = [estimate_pose(o, obs[0], guess, cfg) for o in obs[1:]]
+    assert all(p.status == "accepted" for p in poses)
+    sol = solve_night(obs[0], obs[1:], poses, guess, cfg)
+    assert sol.distortion_used
+    assert abs(sol.ref_camera.focal_px - 1400) / 1400 < 0.05
+    for pose, rot, rms in zip(sol.poses, rots[1:], sol.frame_rms_px):
+        pts = np.column_stack([rng.uniform(0, 1500, 400), rng.uniform(0, 1000, 400)])
+        cam_k = sol.ref_camera.with_focal(sol.ref_camera.focal_px * pose.zoom)
+        est = map_ref_to_frame(pts, sol.ref_camera, cam_k, pose.rotation())
+        true = map_ref_to_frame(pts, true_cam, true_cam, rot)
+        assert np.sqrt(np.mean(np.sum((est - true) ** 2, axis=1))) < 0.1
+        assert rms < 0.12
+    assert sol.rms_outer_px <= 1.2 * sol.rms_centre_px + 0.02
+
+
+def test_zoomed_frames_register_through_per_frame_focal():
+    rng = np.random.default_rng(7)
+    cam = Camera(1200, 800, focal_px=2500.0)
+    rays, flux = sky(1500, rng, cam)
+    ref = observe(rays, flux, cam, np.eye(3), rng)
+    for zoom in (0.95, 1.05):
+        rot = Rotation.from_rotvec([0.001, 0.002, 0.01]).as_matrix()
+        frame = observe(rays, flux, cam.with_focal(2500 * zoom), rot, rng)
+        pose = estimate_pose(frame, ref, cam)
+        assert pose.status == "accepted"
+        assert abs(pose.zoom - zoom) < 1e-3
+        h = homography(cam, cam.with_focal(2500 * pose.zoom), pose.rotation())
+        assert grid_error(h, homography(cam, cam.with_focal(2500 * zoom), rot), cam) < 0.1
