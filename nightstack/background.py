@@ -8,19 +8,25 @@ Light pollution is a smooth tint over the frame; stars are small bright dots. Th
    flagged (sigma clipping). The background of a patch is its current weighted least-squares
    plane rather than a flat mean, so a steep gradient across a patch does not itself get
    flagged. The flags are dilated so star halos stay out of the fit.
-3. Extended objects (nebulae, galaxies) are faint per pixel but coherent: they are found on a
-   smoothed residual after a first fit and added to the mask.
-4. Per patch, fit a linear gradient ``a + b*x + c*y`` by weighted least squares, solving the 3x3
-   normal equations ``(X^T W X) beta = X^T W y`` for all patches at once. Patches with too few
-   background pixels take their coefficients from their neighbours.
+3. Extended objects (nebulae, galaxies) are faint per pixel but coherent: a model whose patch
+   planes are 3x3 median filtered over the patch grid (so a bump confined to about one patch is
+   dropped) is subtracted, the residual is box-smoothed, and coherent excess above
+   ``extended_sigma`` is added to the mask (a few rounds, each masking more of the object).
+4. Per patch, fit a linear gradient ``a + b*x + c*y`` by weighted least squares with W = the
+   sky mask, solving the 3x3 normal equations ``(X^T W X) beta = X^T W y`` for all patches at
+   once (``np.linalg.solve`` on (ny, nx, 3, 3)). Patches with under ``min_background_fraction``
+   sky pixels take the mean of their neighbours' planes, extended to their own centre.
 5. Blend: the coefficient fields are bilinearly interpolated between patch centres (global pixel
-   coordinates) and ``a + b*x + c*y`` is evaluated per pixel. Because each patch model is linear,
-   this equals a partition-of-unity blend of the neighbouring planes, so the model is smooth.
+   coordinates; separable interpolation matrices, Wy @ F @ Wx^T) and ``a + b*x + c*y`` is
+   evaluated per pixel. Because each patch model is linear, this equals a partition-of-unity
+   blend of the neighbouring planes, so the model is smooth.
 
-Limitation: a nebula much larger than a patch, or one that fills most of the frame, cannot be
-told apart from light pollution by this local model; the extended-object mask helps when the
-nebula covers a few patches and leaves sky around it, but a frame-filling nebula will be partly
-subtracted.
+Limitations: a nebula spanning more than about one patch (3+ patches across) biases the
+median-filtered model too, is only partly masked and loses much of its faint light (measured on
+synthetic data: a Gaussian nebula of sigma = patch/4 keeps ~95 % of its flux, sigma = patch/2
+only ~40 %). Raise ``patch_px`` for such targets, or for frame-filling nebulae skip background
+removal. A sky glow that curves faster than a patch can follow leaves a residual of about
+curvature x patch^2 / 8.
 
 Images are float arrays (H, W) or (C, H, W), in any linear unit (ADU); the model has the unit of
 the image. NaN pixels are ignored by the fit and stay NaN in the corrected image.
@@ -50,7 +56,7 @@ class BackgroundConfig:
     """Settings of the light-pollution model (pixel units)."""
 
     patch_px: int = 0  # 0 = auto: about 1/8 of the shorter image side, at least 32 px
-    star_sigma: float = 2.0  # more than this many sigma above the patch background = "probably star"
+    star_sigma: float = 2.0  # this many sigma above the patch background = "probably star"
     mask_iterations: int = 3
     dilate_px: int = 2  # grow the star mask so halos do not bias the fit
     extended_sigma: float = 3.0  # threshold on the smoothed residual that flags nebulae
@@ -193,34 +199,45 @@ def _plane_blocks(coef, py: int, px: int) -> np.ndarray:
     )
 
 
-def _fill_from_neighbours(coef, ok):
-    """Give patches without a trusted fit the average of their trusted neighbours, repeatedly.
+def _fill_from_neighbours(coef, ok, grid: "_PatchGrid"):
+    """Give patches without a trusted fit the mean of their trusted neighbours' planes.
 
-    Averaging happens on centred coefficients (level at the patch's own centre, slopes), so a
-    neighbour's slope is not extrapolated across patches.
+    coef: (ny, nx, 3) centred coefficients; ok: (ny, nx) bool. Each neighbour's plane is
+    evaluated at the missing patch's centre (it is the same linear model, extended by one patch),
+    so a gradient running into a hole or a corner continues instead of flattening. Repeats until
+    every patch has coefficients.
     """
     if ok.all():
         return coef
     if not ok.any():
         raise NightstackError("background: no patch has enough sky pixels to fit a gradient")
-    coef = np.where(ok[..., None], coef, 0.0)
+    yc, xc = np.meshgrid(grid.centres_y, grid.centres_x, indexing="ij")
+    # Global form a + b*x + c*y: averaging it is averaging the planes themselves.
+    glob = np.stack(
+        [coef[..., 0] - coef[..., 1] * xc - coef[..., 2] * yc, coef[..., 1], coef[..., 2]], -1
+    )
+    glob[~ok] = 0.0
     known = ok.copy()
     kernel = np.ones((3, 3))
     while not known.all():
         weight = ndimage.convolve(known.astype(float), kernel, mode="constant")
         total = np.stack(
-            [ndimage.convolve(coef[..., k] * known, kernel, mode="constant") for k in range(3)],
+            [ndimage.convolve(glob[..., k] * known, kernel, mode="constant") for k in range(3)],
             axis=-1,
         )
         newly = ~known & (weight > 0)
-        coef[newly] = total[newly] / weight[newly, None]
+        glob[newly] = total[newly] / weight[newly, None]
         known |= newly
-    return coef
+    return np.stack(
+        [glob[..., 0] + glob[..., 1] * xc + glob[..., 2] * yc, glob[..., 1], glob[..., 2]], -1
+    )
 
 
 def _interp_matrix(n_out: int, centres: np.ndarray) -> np.ndarray:
     """(n_out, n_centres) bilinear weights from patch centres to pixels, clamped at the ends."""
-    pos = np.clip(np.interp(np.arange(n_out), centres, np.arange(len(centres))), 0, len(centres) - 1)
+    pos = np.clip(
+        np.interp(np.arange(n_out), centres, np.arange(len(centres))), 0, len(centres) - 1
+    )
     lo = np.floor(pos).astype(int)
     hi = np.minimum(lo + 1, len(centres) - 1)
     frac = pos - lo
@@ -239,11 +256,11 @@ def _blend_planes(coef, grid: _PatchGrid) -> np.ndarray:
     """
     yc, xc = np.meshgrid(grid.centres_y, grid.centres_x, indexing="ij")
     a = coef[..., 0] - coef[..., 1] * xc - coef[..., 2] * yc
-    wy = _interp_matrix(grid.height, grid.centres_y)
-    wx = _interp_matrix(grid.width, grid.centres_x)
+    wy = _interp_matrix(grid.height, grid.centres_y).astype(np.float32)
+    wx = _interp_matrix(grid.width, grid.centres_x).astype(np.float32)
 
     def field(f):
-        return ((wy @ f) @ wx.T).astype(np.float32)
+        return (wy @ f.astype(np.float32)) @ wx.T
 
     x = np.arange(grid.width, dtype=np.float32)[None, :]
     y = np.arange(grid.height, dtype=np.float32)[:, None]
@@ -289,7 +306,9 @@ def _point_source_mask(img, grid: _PatchGrid, cfg: BackgroundConfig) -> np.ndarr
     if cfg.dilate_px > 0:
         # At 2 sigma about 2 % of pure sky pixels are flagged; growing each of them would mask
         # half the sky. Only connected groups (real stars have FWHM >= 2 px) get halos grown.
-        neighbours = ndimage.convolve(mask.astype(np.uint8), np.ones((3, 3), np.uint8), mode="constant")
+        neighbours = ndimage.convolve(
+            mask.astype(np.uint8), np.ones((3, 3), np.uint8), mode="constant"
+        )
         grouped = mask & (neighbours >= 2)
         mask |= ndimage.binary_dilation(grouped, structure=_disk(cfg.dilate_px))
     return mask
@@ -327,19 +346,25 @@ def _extended_mask(residual, usable, size_px: int, sigma: float) -> np.ndarray:
     return grown > 0.5 / (size_px | 1) ** 2
 
 
+def _patch_planes(img, grid: _PatchGrid, mask, cfg: BackgroundConfig) -> np.ndarray:
+    """Fitted plane of every patch over its sky pixels (mask False), holes filled: (ny, nx, 3)."""
+    blocks = grid.blocks(img, np.nan)
+    use = grid.blocks(~mask, False) & np.isfinite(blocks)
+    coef, ok = _fit_planes(blocks, use, cfg.min_background_fraction)
+    if not ok.any():
+        # Too crowded for the fraction rule everywhere: use whatever sky there is.
+        coef, ok = _fit_planes(blocks, use, 0.0)
+        ok &= use.any(axis=(2, 3))
+    return _fill_from_neighbours(coef, ok, grid)
+
+
 def _robust_patch_planes(img, grid: _PatchGrid, mask, cfg: BackgroundConfig) -> np.ndarray:
     """Patch planes with single-patch bumps (a nebula) removed: (ny, nx, 3) centred coefficients.
 
     Each coefficient field is 3x3 median filtered over the patch grid. The grid is padded by
     odd reflection, which continues a linear trend, so gradients reaching the border survive.
     """
-    blocks = grid.blocks(img, np.nan)
-    use = grid.blocks(~mask, False) & np.isfinite(blocks)
-    coef, ok = _fit_planes(blocks, use, cfg.min_background_fraction)
-    if not ok.any():
-        coef, ok = _fit_planes(blocks, use, 0.0)
-        ok &= use.any(axis=(2, 3))
-    coef = _fill_from_neighbours(coef, ok)
+    coef = _patch_planes(img, grid, mask, cfg)
     h = ROBUST_HALF_PATCHES
     if min(coef.shape[:2]) < 2 * h + 1:
         return coef  # too few patches to tell a bump from the sky
@@ -371,18 +396,6 @@ def star_mask(image2d, cfg: BackgroundConfig | None = None) -> np.ndarray:
 # Model and removal
 
 
-def _model_from_mask(img, grid: _PatchGrid, mask, cfg: BackgroundConfig) -> np.ndarray:
-    blocks = grid.blocks(img, np.nan)
-    use = grid.blocks(~mask, False) & np.isfinite(blocks)
-    coef, ok = _fit_planes(blocks, use, cfg.min_background_fraction)
-    if not ok.any():
-        # Too crowded for the fraction rule everywhere: use whatever sky there is.
-        coef, ok = _fit_planes(blocks, use, 0.0)
-        ok &= use.any(axis=(2, 3))
-    coef = _fill_from_neighbours(coef, ok)
-    return _blend_planes(coef, grid)
-
-
 def fit_background(image2d, cfg: BackgroundConfig | None = None, mask=None) -> np.ndarray:
     """Smooth light-pollution model of one channel.
 
@@ -397,7 +410,7 @@ def fit_background(image2d, cfg: BackgroundConfig | None = None, mask=None) -> n
     if mask.shape != img.shape:
         raise NightstackError(f"background: mask shape {mask.shape} != image shape {img.shape}")
     grid = _patch_grid(img.shape, cfg.patch_px)
-    return _model_from_mask(img, grid, mask | ~np.isfinite(img), cfg)
+    return _blend_planes(_patch_planes(img, grid, mask | ~np.isfinite(img), cfg), grid)
 
 
 def remove_background(image, cfg: BackgroundConfig | None = None, keep_level: bool = True):

@@ -87,7 +87,9 @@ def _check_pattern(cfa_pattern: str | None) -> str | None:
         return None
     pattern = str(cfa_pattern).strip().upper()
     if pattern not in BAYER_PATTERNS:
-        raise NightstackError(f"unsupported CFA pattern {cfa_pattern!r} (use RGGB, BGGR, GRBG or GBRG)")
+        raise NightstackError(
+            f"unsupported CFA pattern {cfa_pattern!r} (use RGGB, BGGR, GRBG or GBRG)"
+        )
     return pattern
 
 
@@ -122,10 +124,18 @@ def _size_text(shape) -> str:
 # =========================================================================== robust statistics
 
 
-def _nanmedian_axis0(values: np.ndarray) -> np.ndarray:
-    """Median along axis 0 ignoring NaN, by one sort (NaN sorts last); NaN where all are NaN."""
-    ordered = np.sort(values, axis=0)
+def _nanmedian_axis0(values: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """Median along axis 0 ignoring NaN, by one sort (NaN sorts last); NaN where all are NaN.
+
+    With ``overwrite`` the input is sorted in place instead of copied. Much faster than
+    np.nanmedian, which goes through masked arrays for short axes.
+    """
     n_valid = values.shape[0] - np.count_nonzero(np.isnan(values), axis=0)
+    if overwrite:
+        values.sort(axis=0)
+        ordered = values
+    else:
+        ordered = np.sort(values, axis=0)
     lo = np.clip((n_valid - 1) // 2, 0, None)
     hi = np.clip(n_valid // 2, 0, None)
     low = np.take_along_axis(ordered, lo[None], axis=0)[0]
@@ -135,28 +145,45 @@ def _nanmedian_axis0(values: np.ndarray) -> np.ndarray:
     return median
 
 
-def _clipped_mean_band(band: np.ndarray, sigma: float, iterations: int) -> np.ndarray:
-    """Sigma-clipped mean along axis 0 of a float32 (N, M) band (modified in place).
+def _nanmedian_rows(values: np.ndarray) -> np.ndarray:
+    """Median of each row of a 2D array ignoring NaN (see _nanmedian_axis0)."""
+    return _nanmedian_axis0(np.array(values.T, copy=True), overwrite=True)
 
-    Centre is the median; spread is 1.4826 * MAD, or the standard deviation where the MAD
-    is 0 (quantised data with few frames).
+
+def _abs_deviation(band: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    deviation = band - centre
+    return np.abs(deviation, out=deviation)
+
+
+def _clipped_mean_band(band: np.ndarray, sigma: float, iterations: int) -> np.ndarray:
+    """Sigma-clipped mean along axis 0 of a float32 (N, M) band (rejected values set to NaN
+    in place). Centre is the median; spread is 1.4826 * MAD, or the standard deviation where
+    the MAD is 0 (quantised data with few frames). At most two band-sized temporaries live
+    at once.
     """
     for _ in range(iterations):
         centre = _nanmedian_axis0(band)
-        deviation = np.abs(band - centre)
-        spread = MAD_TO_SIGMA * _nanmedian_axis0(deviation)
+        spread = MAD_TO_SIGMA * _nanmedian_axis0(_abs_deviation(band, centre), overwrite=True)
         flat_spots = ~(spread > 0)
         if np.any(flat_spots):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 spread[flat_spots] = np.nanstd(band[:, flat_spots], axis=0)
-        reject = deviation > sigma * spread
+        reject = _abs_deviation(band, centre) > sigma * spread
         if not reject.any():
             break
         band[reject] = np.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(band, axis=0)
+    return _nanmean_axis0_destructive(band)
+
+
+def _nanmean_axis0_destructive(band: np.ndarray) -> np.ndarray:
+    """Mean along axis 0 ignoring NaN, zeroing the NaN of ``band`` in place (no copy)."""
+    missing = np.isnan(band)
+    n_valid = band.shape[0] - np.count_nonzero(missing, axis=0)
+    band[missing] = 0.0
+    total = band.sum(axis=0, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total / n_valid).astype(np.float32)
 
 
 def robust_combine(stack, sigma: float = 3.0, iterations: int = 3) -> np.ndarray:
@@ -185,10 +212,8 @@ def robust_combine(stack, sigma: float = 3.0, iterations: int = 3) -> np.ndarray
             band[i] = view[start:stop]
         if n_frames >= 3:
             result[start:stop] = _clipped_mean_band(band, sigma, iterations)
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                result[start:stop] = np.nanmean(band, axis=0)
+        else:  # too few frames to tell an outlier from the rest
+            result[start:stop] = _nanmean_axis0_destructive(band)
     return result.reshape(shape)
 
 
@@ -212,12 +237,11 @@ def _block_background(plane: np.ndarray, block: int = BACKGROUND_BLOCK_PX) -> np
     block = max(1, min(block, height, width))
     n_y, n_x = height // block, width // block
     tiles = plane[: n_y * block, : n_x * block].reshape(n_y, block, n_x, block)
-    tiles = tiles.transpose(0, 2, 1, 3).reshape(n_y, n_x, block * block)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        grid = np.nanmedian(tiles, axis=2)
-    if not np.all(np.isfinite(grid)):
-        grid = np.where(np.isfinite(grid), grid, np.nanmedian(grid) if np.isfinite(grid).any() else 0.0)
+    tiles = np.array(tiles.transpose(1, 3, 0, 2), copy=True).reshape(block * block, n_y, n_x)
+    grid = _nanmedian_axis0(tiles, overwrite=True)
+    known = np.isfinite(grid)
+    if not known.all():  # tiles without a single usable pixel take the overall level
+        grid = np.where(known, grid, np.median(grid[known]) if known.any() else 0.0)
     return _upsample_bilinear(grid, (height, width), block).astype(np.float32)
 
 
@@ -278,7 +302,9 @@ def make_master(frames: list[RawFrame], kind: str, bias: Master | None = None,
     listed in ``bad_pixels``.
     """
     if kind not in MASTER_KINDS:
-        raise NightstackError(f"unknown master kind {kind!r} (use one of {', '.join(MASTER_KINDS)})")
+        raise NightstackError(
+            f"unknown master kind {kind!r} (use one of {', '.join(MASTER_KINDS)})"
+        )
     if not frames:
         raise NightstackError(f"master {kind}: no frames given")
     _check_same_geometry(frames, kind)
@@ -316,7 +342,8 @@ def _normalised_flat_frames(frames, bias, dark):
         level = float(np.nanmedian(signal))
         if not level > 0:
             raise NightstackError(
-                f"master flat: {frame.source} has no signal above the offset (median {level:.3g} ADU)"
+                f"master flat: {frame.source} has no signal above the offset "
+                f"(median {level:.3g} ADU)"
             )
         yield signal / np.float32(level)
 
@@ -336,7 +363,8 @@ def normalise_flat(flat: np.ndarray, cfa_pattern) -> tuple[np.ndarray, np.ndarra
     flat[bad] = np.nan
     planes = colour_planes(flat.shape, cfa_pattern)
     for colour in dict.fromkeys(letter for letter, _ in planes):
-        values = np.concatenate([flat[index].ravel() for letter, index in planes if letter == colour])
+        same = [index for letter, index in planes if letter == colour]
+        values = np.concatenate([flat[index].ravel() for index in same])
         level = float(np.nanmedian(values)) if np.isfinite(values).any() else np.nan
         if not level > 0:
             raise NightstackError(f"master flat: colour {colour} has no positive signal")
@@ -411,15 +439,16 @@ def master_from_fits(path) -> Master:
 
 def find_hot_pixels(master_dark: np.ndarray, cfa_pattern, sigma: float = 8.0) -> np.ndarray:
     """Hot pixels of a (master) dark: bool mask, True where a pixel is > sigma robust sigmas
-    above its colour plane's smooth background (median + k * 1.4826 MAD of the residual).
+    above its colour plane's local level (median + k * 1.4826 MAD of the residual).
 
-    The smooth background is subtracted first so amp glow and gradients are not flagged.
+    The local level is the median of the 8 nearest same-colour pixels, so amp glow and
+    gradients, however steep, are not flagged.
     """
     dark = np.asarray(master_dark, dtype=np.float32)
     hot = np.zeros(dark.shape, dtype=bool)
     for _, index in colour_planes(dark.shape, cfa_pattern):
         plane = dark[index]
-        residual = plane - _block_background(plane)
+        residual = plane - _ring_median(plane)
         centre = float(np.nanmedian(residual))
         spread = _robust_sigma(residual)
         if spread > 0:
@@ -434,13 +463,17 @@ def find_cold_pixels(master_flat: np.ndarray, cfa_pattern, threshold: float = 0.
     times the median of the 8 nearest same-colour neighbours (or is not finite)."""
     flat = np.asarray(master_flat, dtype=np.float32)
     cold = ~np.isfinite(flat)
-    ring = np.ones((3, 3), dtype=bool)
-    ring[1, 1] = False
     for _, index in colour_planes(flat.shape, cfa_pattern):
         plane = np.where(np.isfinite(flat[index]), flat[index], 0.0).astype(np.float32)
-        local = ndimage.median_filter(plane, footprint=ring, mode="mirror")
-        cold[index] |= plane < threshold * local
+        cold[index] |= plane < threshold * _ring_median(plane)
     return cold
+
+
+def _ring_median(plane: np.ndarray) -> np.ndarray:
+    """Median of each pixel's 8 neighbours in a same-colour plane (borders mirrored)."""
+    ring = np.ones((3, 3), dtype=bool)
+    ring[1, 1] = False
+    return ndimage.median_filter(plane, footprint=ring, mode="mirror")
 
 
 def _neighbour_offsets(step: int) -> np.ndarray:
@@ -450,7 +483,7 @@ def _neighbour_offsets(step: int) -> np.ndarray:
     )
 
 
-def _gather_neighbours(image2d: np.ndarray, ys: np.ndarray, xs: np.ndarray, step: int) -> np.ndarray:
+def _gather_neighbours(image2d: np.ndarray, ys, xs, step: int) -> np.ndarray:
     """(n, 8) values of the same-colour ring around (ys, xs); NaN outside the image."""
     height, width = image2d.shape
     offsets = _neighbour_offsets(step)
@@ -474,10 +507,7 @@ def _repair_plane(image2d: np.ndarray, bad2d: np.ndarray, step: int, passes: int
         if ys.size == 0:
             return
         work = np.where(bad, np.nan, image2d)
-        values = _gather_neighbours(work, ys, xs, step)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            median = np.nanmedian(values, axis=1)
+        median = _nanmedian_rows(_gather_neighbours(work, ys, xs, step))
         fixed = np.isfinite(median)
         image2d[ys[fixed], xs[fixed]] = median[fixed]
         bad[ys[fixed], xs[fixed]] = False
@@ -522,7 +552,9 @@ def _spike_neighbour_limit(height_above: np.ndarray, noise: np.ndarray) -> np.nd
     """
     return np.minimum(
         height_above / OUTLIER_PEAK_RATIO,
-        np.maximum(height_above / OUTLIER_BRIGHT_PEAK_RATIO, OUTLIER_NEIGHBOUR_NOISE_SIGMAS * noise),
+        np.maximum(
+            height_above / OUTLIER_BRIGHT_PEAK_RATIO, OUTLIER_NEIGHBOUR_NOISE_SIGMAS * noise
+        ),
     )
 
 
@@ -556,9 +588,7 @@ def find_outlier_pixels(mosaic: np.ndarray, cfa_pattern, sigma: float = 10.0) ->
     )
     ys, xs = np.nonzero(excess > brightest_neighbour)
     candidate_excess = excess[ys, xs]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        local = np.nanmedian(_gather_neighbours(excess, ys, xs, step), axis=1)
+    local = _nanmedian_rows(_gather_neighbours(excess, ys, xs, step))
     height_above = candidate_excess - local
     neighbour_above = brightest_neighbour[ys, xs] - local
     is_spike = (height_above > sigma * noise[ys, xs]) & (
@@ -694,7 +724,8 @@ def _bad_pixel_mask(data, pattern, bias, dark, flat, settings, notes) -> tuple[n
         add(cold, "cold pixels")
     add(~np.isfinite(data), "non-finite pixels")
     if settings["repair_outliers"]:
-        outliers = find_outlier_pixels(np.where(bad, np.nan, data), pattern, float(settings["outlier_sigma"]))
+        sigma = float(settings["outlier_sigma"])
+        outliers = find_outlier_pixels(np.where(bad, np.nan, data), pattern, sigma)
         add(outliers, "outlier pixels (hot pixels/cosmic rays)")
     return bad, int(np.count_nonzero(bad))
 
@@ -730,7 +761,13 @@ _RB_AT_G_SAME_ROW = np.array(
 _RB_AT_G_SAME_COLUMN = _RB_AT_G_SAME_ROW.T.copy()
 # R at B and B at R: diagonal neighbours.
 _RB_AT_BR = np.array(
-    [[0, 0, -1.5, 0, 0], [0, 2, 0, 2, 0], [-1.5, 0, 6, 0, -1.5], [0, 2, 0, 2, 0], [0, 0, -1.5, 0, 0]],
+    [
+        [0, 0, -1.5, 0, 0],
+        [0, 2, 0, 2, 0],
+        [-1.5, 0, 6, 0, -1.5],
+        [0, 2, 0, 2, 0],
+        [0, 0, -1.5, 0, 0],
+    ],
     dtype=np.float32,
 ) / 8
 

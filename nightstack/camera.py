@@ -87,7 +87,8 @@ def homography(ref_camera: Camera, frame_camera: Camera, rotation: np.ndarray) -
 def apply_homography(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """Apply a 3x3 homography to pixel positions (N, 2)."""
     xy = np.asarray(xy, dtype=float)
-    p = xy @ h[:, :2].T + h[:, 2]
+    # a contiguous copy of the 3x2 block makes the product several times faster
+    p = xy @ np.ascontiguousarray(h[:, :2].T) + h[:, 2]
     return p[..., :2] / p[..., 2:3]
 
 

@@ -241,7 +241,7 @@ def star_fluxes_e(rng, count: int, cfg: DemoConfig) -> np.ndarray:
 
 
 def saturate_brightest(flux_e: np.ndarray, in_frame0: np.ndarray, rng, cfg: DemoConfig):
-    """Copy of ``flux_e`` where the few brightest stars of frame 0 exceed saturation (1.5-8x)."""
+    """Copy of ``flux_e`` where the few brightest stars of frame 0 exceed saturation (2-8x)."""
     peak = psf_peak_fraction(cfg)
     headroom_e = (cfg.white_level - cfg.bias_adu - cfg.sky_adu) * cfg.gain_e_per_adu
     saturation_flux_e = headroom_e / peak
@@ -249,7 +249,7 @@ def saturate_brightest(flux_e: np.ndarray, in_frame0: np.ndarray, rng, cfg: Demo
     candidates = np.flatnonzero(in_frame0)
     brightest = candidates[np.argsort(flux_e[candidates])[::-1][:n_bright]]
     out = flux_e.copy()
-    boost = saturation_flux_e * 10.0 ** rng.uniform(np.log10(1.5), np.log10(8.0), brightest.size)
+    boost = saturation_flux_e * 10.0 ** rng.uniform(np.log10(2.0), np.log10(8.0), brightest.size)
     out[brightest] = np.maximum(out[brightest], boost)
     return out
 
@@ -258,8 +258,11 @@ def star_colours_rgb(rng, count: int) -> np.ndarray:
     """(N, 3) flux multipliers per channel (G = 1): a spread of bluish to reddish stars."""
     colour_index = np.clip(rng.normal(0.6, 0.35, count), -0.2, 1.8) - 0.6
     return np.stack(
-        [np.clip(1.0 + 0.35 * colour_index, 0.3, None), np.ones(count),
-         np.clip(1.0 - 0.35 * colour_index, 0.3, None)],
+        [
+            np.clip(1.0 + 0.35 * colour_index, 0.3, None),
+            np.ones(count),
+            np.clip(1.0 - 0.35 * colour_index, 0.3, None),
+        ],
         axis=1,
     )
 
@@ -507,7 +510,8 @@ def read_out(signal_e: np.ndarray, rng, sensor: Sensor, cfg: DemoConfig) -> np.n
 
 def frame_rng(cfg: DemoConfig, kind: str, index: int):
     """An independent, reproducible noise stream for one frame."""
-    return np.random.default_rng([cfg.seed, "lbdf".index(kind[0]) + 1, index])
+    kind_code = {"light": 1, "bias": 2, "dark": 3, "flat": 4}[kind]
+    return np.random.default_rng([cfg.seed, kind_code, index])
 
 
 # ----------------------------------------------------------------------------- DNG
@@ -588,8 +592,11 @@ def write_calibration(folder: Path, cfg: DemoConfig, sensor: Sensor, transmissio
     shape = channel_map.shape
     clock = NIGHT_START + dt.timedelta(seconds=float(frame_times_s(cfg)[-1]) + 600.0)
     flat_e = (
-        FLAT_LEVEL_FRACTION * (cfg.white_level - cfg.bias_adu) * cfg.gain_e_per_adu
-        * FLAT_PANEL_RGB[channel_map] * transmission
+        FLAT_LEVEL_FRACTION
+        * (cfg.white_level - cfg.bias_adu)
+        * cfg.gain_e_per_adu
+        * FLAT_PANEL_RGB[channel_map]
+        * transmission
     )
     kinds = [
         ("bias", "biases", cfg.n_biases, BIAS_EXPTIME_S, None),
@@ -603,35 +610,53 @@ def write_calibration(folder: Path, cfg: DemoConfig, sensor: Sensor, transmissio
             if light_e is not None:
                 signal += light_e
             mosaic = read_out(signal, frame_rng(cfg, kind, i), sensor, cfg)
-            write_dng(folder / subfolder / name, mosaic, cfg.cfa_pattern, exptime_s, clock,
-                      cfg.bias_adu, cfg.white_level)
+            write_dng(
+                folder / subfolder / name,
+                mosaic,
+                cfg.cfa_pattern,
+                exptime_s,
+                clock,
+                cfg.bias_adu,
+                cfg.white_level,
+            )
             clock += dt.timedelta(seconds=exptime_s + 2.0)  # one after the other, as shot
+
+
+def render_light(k: int, cfg: DemoConfig, scene: dict, sensor: Sensor) -> np.ndarray:
+    """Raw uint16 mosaic (H, W) of light ``k``: sky, stars, trail, optics, dark, noise."""
+    channel_map = scene["channel_map"]
+    camera, rotation = scene["cameras"][k], scene["rotations"][k]
+    xy, front = project(camera, rotation, scene["directions"])
+    near = front & inside_frame(xy, camera, STAR_MARGIN_PX)
+    sky_and_stars = scene["sky_e"] + render_stars_e(
+        xy[near], scene["flux_e"][near], scene["rgb"][near], channel_map, cfg
+    )
+    if k == cfg.satellite_frame:
+        sky_and_stars += satellite_e(scene["satellite"], channel_map)
+    signal = sky_and_stars * scene["transmission"] + sensor.dark_e(
+        channel_map.shape, cfg, cfg.exptime_s
+    )
+    return read_out(signal, frame_rng(cfg, "light", k), sensor, cfg)
 
 
 def write_lights(folder: Path, cfg: DemoConfig, scene: dict, sensor: Sensor) -> None:
     """Render and write every light of the night into ``folder/lights``."""
     (folder / "lights").mkdir()
-    channel_map = scene["channel_map"]
-    static_e = scene["sky_e"]
-    dark_e = sensor.dark_e(channel_map.shape, cfg, cfg.exptime_s)
     for k, name in enumerate(light_names(cfg)):
-        camera, rotation = scene["cameras"][k], scene["rotations"][k]
-        xy, front = project(camera, rotation, scene["directions"])
-        near = front & inside_frame(xy, camera, STAR_MARGIN_PX)
-        sky_and_stars = static_e + render_stars_e(
-            xy[near], scene["flux_e"][near], scene["rgb"][near], channel_map, cfg
-        )
-        if k == cfg.satellite_frame:
-            sky_and_stars += satellite_e(scene["satellite"], channel_map)
-        signal = sky_and_stars * scene["transmission"] + dark_e
-        mosaic = read_out(signal, frame_rng(cfg, "light", k), sensor, cfg)
         date_obs = NIGHT_START + dt.timedelta(seconds=float(frame_times_s(cfg)[k]))
-        write_dng(folder / "lights" / name, mosaic, cfg.cfa_pattern, cfg.exptime_s, date_obs,
-                  cfg.bias_adu, cfg.white_level)
+        write_dng(
+            folder / "lights" / name,
+            render_light(k, cfg, scene, sensor),
+            cfg.cfa_pattern,
+            cfg.exptime_s,
+            date_obs,
+            cfg.bias_adu,
+            cfg.white_level,
+        )
 
 
 def build_scene(cfg: DemoConfig) -> dict:
-    """Everything fixed over the night: geometry, stars, sky, optics, satellite."""
+    """Everything fixed over the night: geometry, stars, sky, optics, satellite, sensor."""
     rng = np.random.default_rng(cfg.seed)
     cameras, rotations = frame_cameras(cfg), frame_rotations(cfg)
     directions, flux_e, rgb = draw_star_field(rng, cfg, cameras, rotations)
@@ -651,7 +676,7 @@ def build_scene(cfg: DemoConfig) -> dict:
         "dust": dust,
         "transmission": transmission,
         "satellite": draw_satellite(rng, cfg.height_px, cfg.width_px),
-        "sensor_rng": rng,
+        "sensor": draw_sensor(rng, cfg),
     }
 
 
@@ -668,25 +693,40 @@ def night_truth(cfg: DemoConfig, scene: dict, sensor: Sensor) -> dict:
     ]
     satellite = None
     if cfg.satellite_frame >= 0:
-        satellite = dict(scene["satellite"], frame=cfg.satellite_frame,
-                         endpoints_px=trail_endpoints(scene["satellite"], cfg.height_px, cfg.width_px))
+        satellite = dict(
+            scene["satellite"],
+            frame=cfg.satellite_frame,
+            endpoints_px=trail_endpoints(scene["satellite"], cfg.height_px, cfg.width_px),
+        )
     order = np.argsort(scene["flux_e"])[::-1]
     stars = [
-        {"x": xy_ref[i, 0], "y": xy_ref[i, 1], "flux_e": scene["flux_e"][i],
-         "rgb": scene["rgb"][i], "in_frame0": bool(in_frame0[i])}
+        {
+            "x": xy_ref[i, 0],
+            "y": xy_ref[i, 1],
+            "flux_e": scene["flux_e"][i],
+            "rgb": scene["rgb"][i],
+            "in_frame0": bool(in_frame0[i]),
+        }
         for i in order  # a JSON record per star; no arithmetic here
     ]
     return {
         "generator": "nightstack.demo",
         "config": asdict(cfg),
-        "camera": {"width_px": ref.width_px, "height_px": ref.height_px,
-                   "focal_px": ref.focal_px, "k1": ref.k1, "k2": ref.k2},
+        "camera": {
+            "width_px": ref.width_px,
+            "height_px": ref.height_px,
+            "focal_px": ref.focal_px,
+            "k1": ref.k1,
+            "k2": ref.k2,
+        },
         "reference_frame": 0,
         "frames": frames,
         "pole_ref_px": pole_xy[0],
         "stars": stars,
-        "hot_pixels": [{"x": int(c), "y": int(r), "dark_adu_s": float(a)} for r, c, a in
-                       zip(sensor.hot_rows, sensor.hot_cols, sensor.hot_dark_adu_s)],
+        "hot_pixels": [
+            {"x": int(c), "y": int(r), "dark_adu_s": float(a)}
+            for r, c, a in zip(sensor.hot_rows, sensor.hot_cols, sensor.hot_dark_adu_s)
+        ],
         "satellite_frame": cfg.satellite_frame,
         "satellite": satellite,
         "dust": scene["dust"],
@@ -708,6 +748,14 @@ def _prepare_destination(folder: Path) -> None:
         raise NightstackError(
             f"{folder}: exists and is not a demo night (no truth.json); not overwriting it"
         )
+
+
+def _apply_umask(built: Path) -> None:
+    """Give the built folder and truth.json ordinary permissions (mkdtemp/mkstemp make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(built, 0o777 & ~umask)
+    os.chmod(built / "truth.json", 0o666 & ~umask)
 
 
 def _move_into_place(built: Path, folder: Path) -> None:
@@ -745,11 +793,12 @@ def generate_night(folder, cfg: DemoConfig | None = None) -> dict:
     built = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
     try:
         scene = build_scene(cfg)
-        sensor = draw_sensor(scene["sensor_rng"], cfg)
+        sensor = scene["sensor"]
         write_lights(built, cfg, scene, sensor)
         write_calibration(built, cfg, sensor, scene["transmission"], scene["channel_map"])
         write_json(built / "truth.json", night_truth(cfg, scene, sensor))
         truth = read_json(built / "truth.json")  # plain lists, exactly what the file holds
+        _apply_umask(built)
         _move_into_place(built, folder)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)

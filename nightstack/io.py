@@ -35,6 +35,7 @@ def atomic_path(path, suffix=None):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs are ordinary
         os.replace(tmp, path)
     except OSError as exc:
         _remove_quietly(tmp)
@@ -42,6 +43,12 @@ def atomic_path(path, suffix=None):
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove_quietly(path):

@@ -185,7 +185,11 @@ def _check_pixels(path, frame: RawFrame) -> RawFrame:
 
 
 def shift_cfa_pattern(pattern: str, dx: int, dy: int) -> str:
-    """Pattern seen from pixel (dx, dy) of ``pattern``'s grid: colour(x, y) = p[(y+dy)%2][(x+dx)%2]."""
+    """Pattern whose cell (x, y) is ``pattern``'s cell ((x + dx) % 2, (y + dy) % 2).
+
+    That is the pattern of an image whose first pixel sits at (dx, dy) of the named grid,
+    the meaning of FITS XBAYROFF/YBAYROFF.
+    """
     cells = [[pattern[0], pattern[1]], [pattern[2], pattern[3]]]
     return "".join(cells[(r + dy) % 2][(c + dx) % 2] for r in range(2) for c in range(2))
 
@@ -478,7 +482,7 @@ def _load_raw(path, size: int) -> RawFrame:
                 black, white = 0.0, 65535.0
         except rawpy.LibRawError as exc:
             raise FrameError(
-                path, f"cannot decode camera RAW data ({type(exc).__name__}; file truncated?)"
+                path, f"truncated or corrupt camera RAW file ({type(exc).__name__})"
             ) from None
         other = raw.other
         iso = _positive(other.iso_speed)
@@ -557,7 +561,10 @@ def _raw_size(path, size: int) -> tuple[int, int]:
 
 
 def _colour_to_planes(path, pixels: np.ndarray) -> np.ndarray:
-    """(H, W), (H, W, C) or planar (C, H, W) pixels -> float32 (H, W) or (3, H, W); alpha dropped."""
+    """(H, W), (H, W, C) or planar (C, H, W) pixels -> float32 (H, W) or (3, H, W).
+
+    Alpha is dropped; grey + alpha becomes grey.
+    """
     if pixels.ndim == 2:
         return np.ascontiguousarray(pixels, dtype=np.float32)
     if pixels.ndim == 3 and pixels.shape[-1] in (1, 2, 3, 4):

@@ -37,6 +37,7 @@ class RegistrationConfig:
     focal_prior_sigma: float = 0.3  # prior on log(focal) around the header/default guess
     max_tracks: int = 4000
     position_floor_px: float = 0.02  # centroid uncertainty floor (demosaicing, PSF shape)
+    min_snr: float = 10.0  # fainter stars add centroid noise, not information
 
 
 @dataclass
@@ -48,7 +49,9 @@ class StarList:
     sigma_px: np.ndarray
 
     @classmethod
-    def from_table(cls, table, floor_px: float = 0.02) -> "StarList":
+    def from_table(cls, table, floor_px: float = 0.02, min_snr: float = 0.0) -> "StarList":
+        if len(table) and min_snr > 0:
+            table = table[np.asarray(table["snr"], float) >= min_snr]
         if len(table) == 0:
             return cls(np.zeros((0, 2)), np.zeros(0), np.zeros(0))
         xy = np.stack([np.asarray(table["x"], float), np.asarray(table["y"], float)], axis=1)
@@ -75,6 +78,9 @@ class Pose:
 
     def rotation(self) -> np.ndarray:
         return Rotation.from_rotvec(self.rotvec).as_matrix()
+
+
+POSE_RMS_SLACK = 4.0  # pose RMS may exceed max_rms_px by this factor before the global solve
 
 
 def rejected(reason: str) -> Pose:
@@ -164,7 +170,8 @@ def estimate_pose(
         pairs=np.column_stack([i_f, i_r]),
         flux_scale=float(np.median(ratio[np.isfinite(ratio) & (ratio > 0)])) if len(ratio) else 1.0,
     )
-    if rms > cfg.max_rms_px:
+    # the focal length is only a guess until the bundle adjustment; judge loosely here
+    if rms > POSE_RMS_SLACK * cfg.max_rms_px:
         pose.status, pose.reason = "rejected", f"residual RMS {rms:.2f} px exceeds {cfg.max_rms_px} px"
     return pose
 
@@ -400,10 +407,35 @@ def solve_night(ref: StarList, frames: list[StarList], poses: list[Pose], ref_ca
     """Global alignment of a night; switches on radial distortion when the corners need it."""
     if not any(p.status == "accepted" for p in poses):
         raise NightstackError("no frame could be registered on the reference")
-    tracks = build_tracks(ref, frames, poses, ref_camera, cfg)
     focal_guess = ref_camera.focal_px
+    sol = _solve_once(ref, frames, poses, ref_camera, focal_guess, cfg)
+    cam = sol.ref_camera
+    if abs(cam.focal_px / ref_camera.focal_px - 1) > 0.002 or cam.has_distortion:
+        # the camera moved away from its guess: match again with it, so stars near the corners
+        # (where a wrong focal length or distortion misplaces them) join, then solve again
+        again = [
+            estimate_pose(f, ref, cam, cfg) if p.status == "accepted" or _retryable(p) else p
+            for f, p in zip(frames, poses)
+        ]
+        if any(p.status == "accepted" for p in again):
+            second = _solve_once(ref, frames, again, cam, focal_guess, cfg)
+            if _n_accepted(second) >= _n_accepted(sol):
+                sol = second
+    return sol
+
+
+def _retryable(pose: Pose) -> bool:
+    return pose.status == "rejected" and pose.reason.startswith("residual RMS")
+
+
+def _n_accepted(sol: Solution) -> int:
+    return sum(p.status == "accepted" for p in sol.poses)
+
+
+def _solve_once(ref, frames, poses, camera, focal_guess, cfg) -> Solution:
+    tracks = build_tracks(ref, frames, poses, camera, cfg)
     want = cfg.distortion
-    sol = bundle_adjust(tracks, poses, ref_camera, focal_guess, cfg, distortion=(want == "on"))
+    sol = bundle_adjust(tracks, poses, camera, focal_guess, cfg, distortion=(want == "on"))
     if want == "auto" and needs_distortion(sol):
         with_dist = bundle_adjust(tracks, sol.poses, sol.ref_camera, focal_guess, cfg, distortion=True)
         if np.nanmedian(with_dist.frame_rms_px) < np.nanmedian(sol.frame_rms_px):

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,13 +47,15 @@ log = logging.getLogger("nightstack")
 METHODS = ("mean", "median", "sigma", "winsorized", "max")
 CLIPPING_METHODS = ("sigma", "winsorized")
 INTERPOLATIONS = ("cubic", "lanczos3", "linear")
-WEIGHTINGS = ("none", "noise")
+WEIGHTINGS = ("none", "noise", "quality", "sharpness")
 
 READ_MARGIN_PX = 8  # spline prefilter edge effects decay as 0.27^n: 8 px -> ~3e-5
 COVERAGE_TOLERANCE_PX = 1e-3  # round-off of an exact mapping must not lose the last column
 MIN_TILE_PX = 32
-WORK_ARRAYS = 3  # sorted copy + winsorized copy + masks/temporaries, in units of the buffer
-WARP_BYTES_PER_PX = 256  # coordinates (float64), read box, interpolation output per tile pixel
+# Memory model of one tile, fitted with tracemalloc (benchmarks/bench_stack_memory.py):
+WORK_ARRAYS = 3  # sorted copy + deviations + boolean masks while combining, in buffers
+BYTES_PER_PIXEL_VALUE = 48  # per pixel and channel: counts, ranks, centre, sigma, sums
+WARP_BYTES_PER_PX = 512  # coordinates (float64), read box, Lanczos accumulators per tile px
 WINSOR_FACTOR = 1.134  # Siril: corrects the std of a Gaussian winsorized at +-1.5 sigma
 WINSOR_CLIP_SIGMA = 1.5
 WINSOR_TOLERANCE = 5e-4  # relative change of sigma at which the winsorizing loop stops
@@ -183,11 +184,13 @@ def plan_tiles(n_frames: int, out_shape, memory_mb: float) -> TilePlan:
     """Square-ish tile size keeping N x C x tile buffers and work arrays below ``memory_mb``.
 
     Cost per tile pixel: the float32 stack buffer (N*C*4 bytes) plus WORK_ARRAYS copies of it
-    while combining, plus the warping temporaries of one frame. Tiles are at least
-    MIN_TILE_PX on a side; ``over_budget`` says when even that exceeds the budget.
+    while combining, per-pixel statistics, and the warping temporaries of one frame. Tiles
+    are at least MIN_TILE_PX on a side; ``over_budget`` says when even that exceeds the budget.
+    The output image and coverage map (C*H*W*4 + H*W*2 bytes) are not part of the budget.
     """
     n_channels, height, width = (int(v) for v in out_shape)
-    bytes_per_px = n_frames * n_channels * 4 * (1 + WORK_ARRAYS) + WARP_BYTES_PER_PX
+    bytes_per_px = (n_channels * (n_frames * 4 * (1 + WORK_ARRAYS) + BYTES_PER_PIXEL_VALUE)
+                    + WARP_BYTES_PER_PX)
     budget_px = int(memory_mb * 2**20 // bytes_per_px)
     side = math.isqrt(max(budget_px, 0))
     over_budget = side < MIN_TILE_PX
@@ -228,7 +231,7 @@ def tile_pixel_grid(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
 def _in_front_of_frame(xy_ref: np.ndarray, warp: FrameWarp) -> np.ndarray:
     """True where the reference ray points into the frame camera's forward half-space.
 
-    The homography alone cannot tell: a ray behind the camera projects to a valid-looking pixel.
+    The homography alone cannot tell: a ray behind the camera projects to a plausible pixel.
     """
     xy_u = warp.ref_camera.undistort(xy_ref)
     ray_z_row = np.asarray(warp.rotation, float)[2] @ np.linalg.inv(warp.ref_camera.intrinsic())
@@ -258,7 +261,10 @@ def _frame_coordinates(xy_ref: np.ndarray, warp: FrameWarp, width: int, height: 
 
 
 def _read_box(data: np.ndarray, xy: np.ndarray, margin_px: int):
-    """Copy the frame region (C, h, w) around positions xy (n, 2) plus a margin; -> (box, bx0, by0)."""
+    """Copy the frame region (C, h, w) around positions xy (n, 2) plus a margin.
+
+    Returns (box, bx0, by0): the float32 copy and the frame pixel of its top-left corner.
+    """
     _, height, width = data.shape
     bx0 = max(int(np.floor(xy[:, 0].min())) - margin_px, 0)
     by0 = max(int(np.floor(xy[:, 1].min())) - margin_px, 0)
@@ -299,8 +305,45 @@ def _interpolate_lanczos3(box: np.ndarray, x_abs, y_abs, bx0: int, by0: int) -> 
     return out
 
 
+def _fill_missing(box: np.ndarray):
+    """Replace NaN/inf pixels of box (C, h, w) by the channel median -> (box, bad (h, w) or None).
+
+    A single NaN would otherwise spread through the spline prefilter over the whole box.
+    """
+    finite = np.isfinite(box)
+    if finite.all():
+        return box, None
+    bad = ~finite.all(axis=0)
+    filled = box.copy()
+    for channel, ok in zip(filled, finite):
+        channel[~ok] = np.median(channel[ok]) if ok.any() else 0.0
+    return filled, bad
+
+
+def _touches_missing(bad: np.ndarray, xy, bx0: int, by0: int, method: str) -> np.ndarray:
+    """True (n,) where the interpolation kernel at xy reaches a missing pixel of the box."""
+    reach_px = 0 if method == "linear" else LANCZOS_A - 1
+    if reach_px:
+        bad = ndimage.binary_dilation(bad, iterations=reach_px, structure=np.ones((3, 3)))
+    coords = np.stack([xy[:, 1] - by0, xy[:, 0] - bx0])
+    return ndimage.map_coordinates(bad.astype(np.float32), coords, order=1, mode="nearest") > 0
+
+
 def _interpolate(box: np.ndarray, xy: np.ndarray, bx0: int, by0: int, method: str) -> np.ndarray:
-    """Values (C, n) of box (C, h, w) at absolute frame positions xy (n, 2)."""
+    """Values (C, n) of box (C, h, w) at absolute frame positions xy (n, 2).
+
+    Positions whose kernel reaches a NaN pixel of the frame come out NaN (missing).
+    """
+    box, bad = _fill_missing(box)
+    values = _interpolate_finite(box, xy, bx0, by0, method)
+    if bad is not None:
+        values[:, _touches_missing(bad, xy, bx0, by0, method)] = np.nan
+    return values
+
+
+def _interpolate_finite(box: np.ndarray, xy: np.ndarray, bx0: int, by0: int,
+                        method: str) -> np.ndarray:
+    """Values (C, n) of a NaN-free box (C, h, w) at absolute frame positions xy (n, 2)."""
     if method == "lanczos3":
         return _interpolate_lanczos3(box, xy[:, 0], xy[:, 1], bx0, by0)
     # Subtracting an integer origin is exact, so linear results do not depend on the box.
@@ -364,23 +407,6 @@ def read_warped_tile(warp: FrameWarp, y0, y1, x0, x1, interpolation: str) -> np.
 # ---------------------------------------------------------------------------- combining
 
 
-def _frame_sum(rows: np.ndarray, mask_rows) -> np.ndarray:
-    """Sum over the frame axis of rows (N, P) where mask_rows(i) is True, in float64.
-
-    Frames are added one after another so every pixel's sum has the same rounding whatever
-    the number of pixels (tiled and untiled stacks agree exactly).
-    """
-    total = np.zeros(rows.shape[1], dtype=np.float64)
-    for i in range(rows.shape[0]):
-        total += np.where(mask_rows(i), rows[i], 0.0)
-    return total
-
-
-def _rank_mask(lo: np.ndarray, hi: np.ndarray):
-    """mask_rows function: True for sorted ranks lo <= i < hi of each pixel."""
-    return lambda i: (lo <= i) & (i < hi)
-
-
 def _median_of_run(sorted_values, lo, n) -> np.ndarray:
     """Median (P,) float64 of the sorted run [lo, lo + n) of each pixel; NaN where n == 0."""
     last = sorted_values.shape[0] - 1
@@ -391,48 +417,71 @@ def _median_of_run(sorted_values, lo, n) -> np.ndarray:
     return np.where(n > 0, 0.5 * (a + b), np.nan)
 
 
-def _std_of_run(values, lo, hi) -> np.ndarray:
-    """Sample standard deviation (P,) of ranks [lo, hi) of each pixel; 0 where fewer than 2."""
-    n = hi - lo
-    in_run = _rank_mask(lo, hi)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = (_frame_sum(values, in_run) / n).astype(np.float32)
-        sq = np.zeros(values.shape[1], dtype=np.float64)
-        for i in range(values.shape[0]):
-            d = values[i] - mean
-            sq += np.where(in_run(i), d * d, 0.0)
-        return np.where(n > 1, np.sqrt(sq / (n - 1)), 0.0)
+def _deviations_in_run(sorted_values, lo, hi, centre) -> np.ndarray:
+    """float32 (N, P): value - centre inside each pixel's rank run [lo, hi), 0 outside it.
 
-
-def _winsorized_sigma(sorted_values, lo, hi, centre, sigma) -> np.ndarray:
-    """Siril's robust sigma: winsorize at centre +- 1.5 sigma, sigma = 1.134 std, until stable.
-
-    Each pixel stops once its sigma changes by less than WINSOR_TOLERANCE (relative).
+    Zeros outside the run drop out of sums and never pass a rejection threshold, so the
+    statistics below need no masks.
     """
-    w = sorted_values.copy()
-    active = np.ones(sigma.shape, dtype=bool)
+    dev = sorted_values - centre.astype(np.float32)
+    for rank, row in enumerate(dev):  # row by row: no (N, P) mask in memory
+        row[(rank < lo) | (rank >= hi)] = 0.0  # also clears the NaN (missing) values
+    return dev
+
+
+def _std_of_deviations(dev, n) -> np.ndarray:
+    """Sample standard deviation (P,) from deviations (N, P) that are 0 outside the run.
+
+    Sums run frame after frame in float64, so a pixel's result does not depend on how many
+    other pixels are combined with it (tiled and untiled stacks agree exactly).
+    """
+    s1 = np.zeros(dev.shape[1], dtype=np.float64)
+    s2 = np.zeros(dev.shape[1], dtype=np.float64)
+    for row in dev:
+        s1 += row
+        s2 += np.square(row, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = (s2 - s1 * s1 / n) / (n - 1)
+    return np.where(n > 1, np.sqrt(np.maximum(var, 0.0)), 0.0)
+
+
+def _winsorized_sigma(dev, n, sigma) -> np.ndarray:
+    """Siril's robust sigma (P,): winsorize at +-1.5 sigma, sigma = 1.134 std, until stable.
+
+    dev: deviations from the median (N, P), 0 outside the run; modified in place. A pixel
+    stops once its sigma changes by less than WINSOR_TOLERANCE (relative); only the pixels
+    still changing are carried into the next round.
+    """
+    sigma = sigma.copy()
+    pending = np.arange(sigma.size)
     for _ in range(WINSOR_MAX_ITERATIONS):
-        half_width = np.where(active, WINSOR_CLIP_SIGMA * sigma, np.inf)
-        np.clip(w, (centre - half_width).astype(np.float32),
-                (centre + half_width).astype(np.float32), out=w)
-        new_sigma = WINSOR_FACTOR * _std_of_run(w, lo, hi)
-        settled = np.abs(new_sigma - sigma) <= WINSOR_TOLERANCE * sigma
-        sigma = np.where(active, new_sigma, sigma)
-        active &= ~settled
-        if not active.any():
+        half_width = (WINSOR_CLIP_SIGMA * sigma[pending]).astype(np.float32)
+        np.clip(dev, -half_width, half_width, out=dev)
+        new_sigma = WINSOR_FACTOR * _std_of_deviations(dev, n[pending])
+        moving = np.abs(new_sigma - sigma[pending]) > WINSOR_TOLERANCE * sigma[pending]
+        sigma[pending] = new_sigma
+        if not moving.any():
             break
+        if not moving.all():
+            dev, pending = _keep_columns(dev, moving), pending[moving]
     return sigma
 
 
-def _count_outside(sorted_values, lo, hi, low_limit, high_limit):
-    """Numbers (P,) of values in ranks [lo, hi) below low_limit and above high_limit."""
-    in_run = _rank_mask(lo, hi)
-    n_below = np.zeros(lo.shape, dtype=np.int64)
-    n_above = np.zeros(lo.shape, dtype=np.int64)
-    for i in range(sorted_values.shape[0]):
-        row, inside = sorted_values[i], in_run(i)
-        n_below += inside & (row < low_limit)
-        n_above += inside & (row > high_limit)
+def _keep_columns(array, keep) -> np.ndarray:
+    """array[:, keep] compacted in place row by row (no second full-size copy); a view."""
+    n_keep = int(np.count_nonzero(keep))
+    for row in array:
+        row[:n_keep] = row[keep]
+    return array[:, :n_keep]
+
+
+def _count_outside(dev, low_limit, high_limit):
+    """Numbers (P,) of deviations below low_limit (< 0) and above high_limit (> 0)."""
+    n_below = np.zeros(dev.shape[1], dtype=np.int32)
+    n_above = np.zeros(dev.shape[1], dtype=np.int32)
+    for row in dev:
+        n_below += row < low_limit
+        n_above += row > high_limit
     return n_below, n_above
 
 
@@ -440,23 +489,29 @@ def _clip_runs(sorted_values, n_valid, cfg: StackConfig):
     """Kept rank run [lo, hi) (P,) of each pixel after sigma or winsorized clipping.
 
     Only pixels with at least min_frames_for_clipping values are clipped, and a pixel stops
-    once nothing changed or fewer than that many values remain.
+    once nothing changed or fewer than that many values remain; only pixels still changing
+    are carried into the next iteration.
     """
-    lo = np.zeros(n_valid.shape, dtype=np.int64)
-    hi = n_valid.astype(np.int64)
-    active = np.flatnonzero(n_valid >= cfg.min_frames_for_clipping)
+    lo = np.zeros(n_valid.shape, dtype=np.int32)
+    hi = n_valid.astype(np.int32)
+    active = np.flatnonzero(n_valid >= cfg.min_frames_for_clipping).astype(np.int32)
     for _ in range(cfg.iterations):
         if active.size == 0:
             break
         sub = sorted_values if active.size == n_valid.size else sorted_values[:, active]
         a_lo, a_hi = lo[active], hi[active]
-        centre = _median_of_run(sub, a_lo, a_hi - a_lo)
-        sigma = _std_of_run(sub, a_lo, a_hi)
+        n = a_hi - a_lo
+        centre = _median_of_run(sub, a_lo, n)
+        dev = _deviations_in_run(sub, a_lo, a_hi, centre)
+        sigma = _std_of_deviations(dev, n)
         if cfg.method == "winsorized":
-            sigma = _winsorized_sigma(sub, a_lo, a_hi, centre, sigma)
+            sigma = _winsorized_sigma(dev, n, sigma)
+            del dev
+            dev = _deviations_in_run(sub, a_lo, a_hi, centre)  # the winsorizing overwrote it
         n_below, n_above = _count_outside(
-            sub, a_lo, a_hi, centre - cfg.sigma_low * sigma, centre + cfg.sigma_high * sigma
-        )
+            dev, (-cfg.sigma_low * sigma).astype(np.float32),
+            (cfg.sigma_high * sigma).astype(np.float32))
+        del dev, sub
         lo[active] += n_below
         hi[active] -= n_above
         changed = (n_below + n_above) > 0
@@ -513,7 +568,8 @@ def combine_with_rejection(values, cfg: StackConfig, weights=None):
     elif cfg.method in CLIPPING_METHODS:
         kept = _clipped_kept_mask(flat, finite, cfg)
         combined, n_used = _mean_of_kept(flat, kept, weights)
-        rejected = finite & ~kept
+        rejected = ~kept
+        rejected &= finite
     elif cfg.method == "mean":
         combined, n_used = _mean_of_kept(flat, finite, weights)
         rejected = no_rejection
@@ -529,14 +585,16 @@ def combine_with_rejection(values, cfg: StackConfig, weights=None):
 def _clipped_kept_mask(flat, finite, cfg: StackConfig) -> np.ndarray:
     """Boolean (N, P) of the values kept by sigma / winsorized clipping."""
     sorted_values = np.sort(flat, axis=0)  # NaN sort last
-    lo, hi = _clip_runs(sorted_values, finite.sum(axis=0), cfg)
+    lo, hi = _clip_runs(sorted_values, finite.sum(axis=0, dtype=np.int32), cfg)
     # The kept run of the sorted stack is exactly the values between its two end values
     # (rejection thresholds are strict, so no value equal to an end was rejected).
     last = flat.shape[0] - 1
     low_end = np.take_along_axis(sorted_values, np.clip(lo, 0, last)[None], axis=0)[0]
     high_end = np.take_along_axis(sorted_values, np.clip(hi - 1, 0, last)[None], axis=0)[0]
     del sorted_values
-    kept = finite & (flat >= low_end) & (flat <= high_end)
+    kept = flat >= low_end  # in-place updates: one boolean temporary at a time
+    kept &= flat <= high_end
+    kept &= finite
     kept[:, hi <= lo] = False
     return kept
 
@@ -633,9 +691,11 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
         raise NightstackError("no frame left to stack" + (
             f" ({len(skipped)} unreadable)" if skipped else ""))
     n_frames = len(warps)
-    weights = np.array([w.weight for w in warps]) if cfg.weighting == "noise" else None
+    weights = np.array([w.weight for w in warps]) if cfg.weighting != "none" else None
     plan = plan_tiles(n_frames, (n_channels, height, width), cfg.memory_mb)
     notes = []
+    if weights is not None and cfg.method in ("median", "max"):
+        notes.append(f"noise weights are not used by the {cfg.method} method")
     if plan.over_budget:
         notes.append(f"{n_frames} frames need about {plan.peak_mb:.0f} MB even with "
                      f"{MIN_TILE_PX}x{MIN_TILE_PX} px tiles, above memory_mb={cfg.memory_mb}")
@@ -652,7 +712,7 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
         for i, warp in enumerate(warps):
             stack[i] = read_warped_tile(warp, y0, y1, x0, x1, cfg.interpolation)
         finite = np.isfinite(stack)
-        coverage[y0:y1, x0:x1] = finite.sum(axis=0).max(axis=0)
+        coverage[y0:y1, x0:x1] = finite.sum(axis=0, dtype=np.int16).max(axis=0)
         valid_count += finite.reshape(n_frames, -1).sum(axis=1)
         del finite
         combined, _, rejected = combine_with_rejection(stack, cfg, weights)

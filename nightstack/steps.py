@@ -16,7 +16,7 @@ from astropy.table import Table
 
 from . import __version__
 from .background import background_config_from_dict, remove_background
-from .calibration import calibrate, make_master, master_from_fits, master_to_fits_header
+from .calibration import calibrate, make_master, master_from_fits, write_master
 from .camera import Camera, default_focal_px
 from .errors import FrameError, NightstackError
 from .io import read_catalog, read_fits_image, read_json, write_catalog, write_fits_image, write_json
@@ -30,7 +30,7 @@ from .registration import (
     frame_homography,
     solve_night,
 )
-from .stars import detect_stars, luminance, star_config_from_dict
+from .stars import detect_stars_presmoothed, luminance, star_config_from_dict
 
 SOFTWARE = f"nightstack {__version__}"
 
@@ -54,12 +54,8 @@ def master_step(kind: str, paths, output, params: dict, bias=None, dark=None) ->
         raise NightstackError(f"no usable {kind} frame ({reasons})")
     bias_m = master_from_fits(bias) if bias else None
     dark_m = master_from_fits(dark) if dark else None
-    master = make_master(frames, kind, bias=bias_m, dark=dark_m, sigma=params.get("master_sigma", 3.0))
-    header = master_to_fits_header(master)
-    header["SOFTWARE"] = SOFTWARE
-    for exc in skipped:
-        header.add_history(f"skipped {exc}"[:68])
-    write_fits_image(output, master.data, header)
+    master = make_master(frames, kind, bias=bias_m, dark=dark_m)
+    write_master(output, master)
     log.info("master %s from %d frames written to %s", kind, master.n_frames, output)
 
 
@@ -145,8 +141,11 @@ def stars_step(calibrated, output, star_params: dict) -> None:
         table.meta.update(status="rejected", reason=_long_reason(header), source=source)
         write_catalog(output, table)
         return
-    cfg = star_config_from_dict(star_params)
-    table = detect_stars(data, cfg)
+    params = dict(star_params)
+    cfa_presmooth = float(params.pop("cfa_presmooth_px", 1.0))
+    cfg = star_config_from_dict(params)
+    presmooth = cfa_presmooth if header.get("BAYERPAT") else 0.0
+    table = detect_stars_presmoothed(data, cfg, presmooth)
     bg, noise = channel_levels(data)
     table.meta.update(
         status="ok",
@@ -186,8 +185,10 @@ def reference_step(night: str, catalogs: dict, output, reference: str = "auto") 
         sizes = Counter((m["width_px"], m["height_px"]) for m in usable.values())
         size = sizes.most_common(1)[0][0]
         same = {f: m for f, m in usable.items() if (m["width_px"], m["height_px"]) == size}
+        # the stack lives on the reference's pixel grid, so it should be one of the sharpest
+        # frames (others are resampled, which softens undersampled stars a little)
         fwhm = np.array([m.get("fwhm_px_median") or np.inf for m in same.values()], float)
-        limit = 1.2 * np.nanmedian(fwhm[np.isfinite(fwhm)]) if np.any(np.isfinite(fwhm)) else np.inf
+        limit = 1.1 * np.min(fwhm) if np.any(np.isfinite(fwhm)) else np.inf
         sharp = [f for f, w in zip(same, fwhm) if w <= limit] or list(same)
         chosen = max(sharp, key=lambda f: (same[f].get("n_stars", 0), -list(catalogs).index(f)))
     meta = usable[chosen]
@@ -206,7 +207,7 @@ def reference_camera(meta: dict, reg_params: dict) -> Camera:
 def registration_config(reg_params: dict) -> RegistrationConfig:
     dist = reg_params.get("distortion", "auto")
     dist = {True: "on", False: "off"}.get(dist, dist)
-    keys = ("min_pairs", "max_rms_px", "per_frame_focal")
+    keys = ("min_pairs", "max_rms_px", "per_frame_focal", "min_snr")
     return RegistrationConfig(distortion=dist, **{k: reg_params[k] for k in keys if k in reg_params})
 
 
@@ -253,10 +254,11 @@ def pose_step(frame: str, catalog, reference_json, output, reg_params: dict) -> 
             f"frame is {meta['width_px']}x{meta['height_px']} px but the reference is "
             f"{ref_cam.width_px}x{ref_cam.height_px} px"))
     elif frame == ref_info["frame"]:
-        pose = Pose(status="accepted", n_pairs=len(table), rms_px=0.0,
-                    pairs=np.column_stack([np.arange(len(table))] * 2))
+        n_ref = len(StarList.from_table(table, min_snr=cfg.min_snr).xy)
+        pose = Pose(status="accepted", n_pairs=n_ref, rms_px=0.0,
+                    pairs=np.column_stack([np.arange(n_ref)] * 2))
     else:
-        pose = estimate_pose(StarList.from_table(table), StarList.from_table(ref_table), ref_cam, cfg)
+        pose = estimate_pose(StarList.from_table(table, min_snr=cfg.min_snr), StarList.from_table(ref_table, min_snr=cfg.min_snr), ref_cam, cfg)
     write_json(output, _pose_record(frame, source, pose, ref_cam))
     log.info("%s: %s %s (%d pairs, RMS %s px)", source, pose.status, pose.reason, pose.n_pairs, _num(pose.rms_px))
 
@@ -283,8 +285,8 @@ def solve_step(night: str, frames: list, catalogs: dict, poses: dict, reference_
     ref_cam = reference_camera(tables[ref_id].meta, reg_params)
     others = [f for f in frames if f != ref_id]
     pose_list = [_pose_from_record(records[f]) for f in others]
-    star_lists = [StarList.from_table(tables[f]) for f in others]
-    ref_stars = StarList.from_table(tables[ref_id])
+    star_lists = [StarList.from_table(tables[f], min_snr=cfg.min_snr) for f in others]
+    ref_stars = StarList.from_table(tables[ref_id], min_snr=cfg.min_snr)
     if any(p.status == "accepted" for p in pose_list):
         sol = solve_night(ref_stars, star_lists, pose_list, ref_cam, cfg)
         camera, solved = sol.ref_camera, sol.poses
@@ -330,6 +332,22 @@ def solve_step(night: str, frames: list, catalogs: dict, poses: dict, reference_
 # --------------------------------------------------------------------------- stack
 
 
+def frame_weight(noise_adu, fwhm_px, weighting: str) -> float:
+    """Weight of a frame in the final mean (noise already in reference flux units).
+
+    "noise": 1/variance, the least noisy stack. "quality": 1/(variance * FWHM^2), which
+    maximises the peak signal-to-noise of stars. "sharpness": 1/FWHM^4 (the squared peak of a
+    star of given flux), the sharpest stack: frames of poor seeing or focus count little.
+    """
+    var = max(float(np.mean(np.square(noise_adu))), 1e-12)
+    fwhm_ok = fwhm_px is not None and np.isfinite(fwhm_px) and fwhm_px > 0
+    if weighting == "quality" and fwhm_ok:
+        return 1.0 / (var * float(fwhm_px) ** 2)
+    if weighting == "sharpness" and fwhm_ok:
+        return 1.0 / float(fwhm_px) ** 4
+    return 1.0 / var
+
+
 def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, output, stack_params: dict) -> None:
     """Reproject every accepted frame into the reference and combine; write the linear stack."""
     from astropy.io import fits
@@ -359,7 +377,7 @@ def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, outp
             offset=np.asarray(meta["channel_background"], float),
             scale=np.full(len(target), scale),
             target_level=target,
-            weight=float(1.0 / max(np.mean(noise**2), 1e-12)),
+            weight=frame_weight(noise, meta.get("fwhm_px_median"), stack_params.get("weighting", "none")),
         ))
         used.append(rec)
     cfg = stack_config_from_dict(stack_params)

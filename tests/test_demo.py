@@ -16,15 +16,41 @@ from nightstack.io import read_json
 # Small frames, a long cadence so the sky turns several pixels between lights, and a dark sky
 # so bright stars centroid well. k1/k2 make the distortion several pixels at the corners.
 DISTORTED = DemoConfig(
-    n_lights=4, width_px=400, height_px=300, focal_px=600.0, k1=-0.08, k2=0.01,
-    cadence_s=600.0, n_stars=1500, sky_adu=60.0, read_noise_adu=3.0, n_hot_pixels=20,
-    satellite_frame=2, n_biases=2, n_darks=2, n_flats=2, seed=3,
+    n_lights=4,
+    width_px=400,
+    height_px=300,
+    focal_px=600.0,
+    k1=-0.08,
+    k2=0.01,
+    cadence_s=600.0,
+    n_stars=1500,
+    sky_adu=60.0,
+    read_noise_adu=3.0,
+    n_hot_pixels=20,
+    satellite_frame=2,
+    n_biases=2,
+    n_darks=2,
+    n_flats=2,
+    seed=3,
 )
 ZOOMED = DemoConfig(
-    n_lights=4, width_px=400, height_px=300, focal_px=600.0, cadence_s=600.0, n_stars=1500,
-    sky_adu=60.0, read_noise_adu=3.0, n_hot_pixels=20, satellite_frame=1, n_biases=1,
-    n_darks=1, n_flats=1, zoom_steps=[1.0, 1.04, 0.96, 1.02], psf="gaussian",
-    cfa_pattern="GBRG", seed=11,
+    n_lights=4,
+    width_px=400,
+    height_px=300,
+    focal_px=600.0,
+    cadence_s=600.0,
+    n_stars=1500,
+    sky_adu=60.0,
+    read_noise_adu=3.0,
+    n_hot_pixels=20,
+    satellite_frame=1,
+    n_biases=1,
+    n_darks=1,
+    n_flats=1,
+    zoom_steps=[1.0, 1.04, 0.96, 1.02],
+    psf="gaussian",
+    cfa_pattern="GBRG",
+    seed=11,
 )
 CONFIGS = {"distorted": DISTORTED, "zoomed": ZOOMED}
 
@@ -33,8 +59,9 @@ CONFIGS = {"distorted": DISTORTED, "zoomed": ZOOMED}
 def nights(tmp_path_factory):
     """name -> (folder, truth, config) for each small demo night, generated once."""
     root = tmp_path_factory.mktemp("demo")
-    return {name: (root / name, generate_night(root / name, cfg), cfg)
-            for name, cfg in CONFIGS.items()}
+    return {
+        name: (root / name, generate_night(root / name, cfg), cfg) for name, cfg in CONFIGS.items()
+    }
 
 
 def read_raw(path):
@@ -44,7 +71,7 @@ def read_raw(path):
 
 def green_centroid(mosaic, green_mask, xy, radius_px=3, iterations=3):
     """Background-subtracted intensity-weighted centroid (x, y) of green pixels near ``xy``."""
-    rows, cols = np.mgrid[0:mosaic.shape[0], 0:mosaic.shape[1]]
+    rows, cols = np.mgrid[0 : mosaic.shape[0], 0 : mosaic.shape[1]]
     centre = np.asarray(xy, dtype=float)
     for _ in range(iterations):  # re-centre the window on the last estimate
         r = np.hypot(cols - centre[0], rows - centre[1])
@@ -73,8 +100,9 @@ def bright_isolated_stars(truth, cfg):
 
 def distance_to_trail_px(xy, satellite):
     angle = np.radians(satellite["angle_deg"])
-    return np.abs((xy[:, 0] - satellite["x"]) * np.sin(angle)
-                  - (xy[:, 1] - satellite["y"]) * np.cos(angle))
+    return np.abs(
+        (xy[:, 0] - satellite["x"]) * np.sin(angle) - (xy[:, 1] - satellite["y"]) * np.cos(angle)
+    )
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -88,10 +116,14 @@ def test_star_centroids_follow_truth_homography_and_distortion(nights, name):
         cam = ref_cam.with_focal(frame["focal_px"])
         h = np.array(frame["H"])
         predicted = cam.distort(apply_homography(h, ref_cam.undistort(stars_ref)))
-        assert np.allclose(predicted, map_ref_to_frame(stars_ref, ref_cam, cam,
-                                                       np.array(frame["rotation"])))
-        usable = ((predicted > 12).all(axis=1) & (predicted[:, 0] < cfg.width_px - 12)
-                  & (predicted[:, 1] < cfg.height_px - 12))
+        assert np.allclose(
+            predicted, map_ref_to_frame(stars_ref, ref_cam, cam, np.array(frame["rotation"]))
+        )
+        usable = (
+            (predicted > 12).all(axis=1)
+            & (predicted[:, 0] < cfg.width_px - 12)
+            & (predicted[:, 1] < cfg.height_px - 12)
+        )
         if frame["index"] == truth["satellite_frame"]:
             usable &= distance_to_trail_px(predicted, truth["satellite"]) > 12
         mosaic = read_raw(folder / frame["file"])
@@ -133,8 +165,12 @@ def test_sky_turns_about_the_pole_between_frames(nights):
 
 def test_every_file_reads_back_with_rawpy(nights):
     for folder, truth, cfg in nights.values():
-        kinds = {"lights": (cfg.n_lights, cfg.exptime_s), "biases": (cfg.n_biases, 1 / 4000),
-                 "darks": (cfg.n_darks, cfg.exptime_s), "flats": (cfg.n_flats, 1.0)}
+        kinds = {
+            "lights": (cfg.n_lights, cfg.exptime_s),
+            "biases": (cfg.n_biases, 1 / 4000),
+            "darks": (cfg.n_darks, cfg.exptime_s),
+            "flats": (cfg.n_flats, 1.0),
+        }
         for sub, (count, exptime_s) in kinds.items():
             files = sorted((folder / sub).glob("*.dng"))
             assert len(files) == count
@@ -152,8 +188,10 @@ def test_every_file_reads_back_with_rawpy(nights):
         for name in light_names(cfg):
             with rawpy.imread(str(folder / "lights" / name)) as raw:
                 stamps.append(raw.other.timestamp)
-        gaps = [(b - a).total_seconds() if isinstance(a, dt.datetime) else b - a
-                for a, b in zip(stamps, stamps[1:])]
+        gaps = [
+            (b - a).total_seconds() if isinstance(a, dt.datetime) else b - a
+            for a, b in zip(stamps, stamps[1:])
+        ]
         assert gaps == pytest.approx([cfg.cadence_s] * (cfg.n_lights - 1))
         assert read_json(folder / "truth.json")["frames"] == truth["frames"]
 
@@ -172,8 +210,12 @@ def test_satellite_only_in_its_frame_along_the_recorded_line(nights):
     normal = np.array([-(y1 - y0), x1 - x0]) / np.hypot(x1 - x0, y1 - y0)
 
     def median_at(image, xy):
-        xy = xy[(xy[:, 0] > 0) & (xy[:, 0] < cfg.width_px - 1)
-                & (xy[:, 1] > 0) & (xy[:, 1] < cfg.height_px - 1)]
+        xy = xy[
+            (xy[:, 0] > 0)
+            & (xy[:, 0] < cfg.width_px - 1)
+            & (xy[:, 1] > 0)
+            & (xy[:, 1] < cfg.height_px - 1)
+        ]
         return np.median(image[np.round(xy[:, 1]).astype(int), np.round(xy[:, 0]).astype(int)])
 
     for neighbour in (before, after):
@@ -226,8 +268,18 @@ def test_star_field_density_and_magnitude_counts():
 
 
 def test_folder_appears_atomically(tmp_path, monkeypatch):
-    cfg = DemoConfig(n_lights=3, width_px=64, height_px=48, focal_px=100.0, n_stars=20,
-                     n_hot_pixels=3, satellite_frame=-1, n_biases=1, n_darks=1, n_flats=1)
+    cfg = DemoConfig(
+        n_lights=3,
+        width_px=64,
+        height_px=48,
+        focal_px=100.0,
+        n_stars=20,
+        n_hot_pixels=3,
+        satellite_frame=-1,
+        n_biases=1,
+        n_darks=1,
+        n_flats=1,
+    )
     real_write = demo.write_dng
     calls = []
 
@@ -253,5 +305,6 @@ def test_folder_appears_atomically(tmp_path, monkeypatch):
     with pytest.raises(NightstackError, match="not a demo night"):
         generate_night(tmp_path / "mine", cfg)
     with pytest.raises(NightstackError, match="zoom_steps"):
-        generate_night(tmp_path / "bad", DemoConfig(n_lights=2, zoom_steps=[1.0],
-                                                     satellite_frame=-1))
+        generate_night(
+            tmp_path / "bad", DemoConfig(n_lights=2, zoom_steps=[1.0], satellite_frame=-1)
+        )

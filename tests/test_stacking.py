@@ -418,3 +418,21 @@ def test_real_frame_rolled_half_turn_stacks_back(shared_data, tmp_path):
                                       StackConfig(method="mean", interpolation="cubic"))
     assert (coverage == 2).all()
     np.testing.assert_allclose(image[0], raw, atol=1e-3 * raw.max())
+
+
+def test_nan_pixels_in_a_frame_stay_local(tmp_path):
+    """A NaN (bad) pixel makes only its neighbourhood missing, not the whole tile."""
+    cam = Camera(80, 60, 200.0)
+    data = np.full((1, 60, 80), 5.0, np.float32)
+    data[0, 30, 40] = np.nan
+    write_fits_image(tmp_path / "f.fits", data)
+    warp = identity_warp(tmp_path / "f.fits", cam, 1, rotation=rotation_matrix([0, 0, 0.01]))
+    for interpolation in ("cubic", "lanczos3", "linear"):
+        hdul, memmap = open_fits_data(tmp_path / "f.fits")
+        tile = warp_tile(memmap, warp, 0, 60, 0, 80, interpolation)[0]
+        del memmap
+        hdul.close()
+        missing = np.isnan(tile[10:-10, 10:-10])  # the rotation uncovers the corners
+        assert 1 <= missing.sum() <= 64, missing.sum()
+        assert missing[16:25, 26:35].sum() == missing.sum()  # all near frame pixel (40, 30)
+        np.testing.assert_allclose(tile[10:-10, 10:-10][~missing], 5.0, atol=1e-4)

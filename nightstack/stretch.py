@@ -1,0 +1,112 @@
+"""Display stretches: the screen transfer function (auto-stretch) and a plain linear scale.
+
+Images are float arrays (H, W) or (C, H, W) in any linear unit; outputs are float32 in [0, 1].
+NaN pixels come out as 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import NightstackError
+
+MAD_TO_SIGMA = 1.4826  # MAD of a Gaussian times this = its standard deviation
+
+
+def midtones_transfer(x, m) -> np.ndarray:
+    """Midtones transfer function MTF(m, x) on [0, 1]: 0 -> 0, m -> 0.5, 1 -> 1.
+
+    x: array in [0, 1]; m: midtones balance in (0, 1) (scalar or broadcastable).
+    MTF(m, x) = (m - 1) x / ((2m - 1) x - m).
+    """
+    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    m = np.asarray(m, dtype=np.float64)
+    denom = (2.0 * m - 1.0) * x - m
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.where(denom != 0, (m - 1.0) * x / denom, 0.0)
+    return np.clip(y, 0.0, 1.0)
+
+
+def _channels(image) -> tuple[np.ndarray, bool]:
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        return img[None], True
+    if img.ndim == 3:
+        return img, False
+    raise NightstackError(f"stretch: expected (H, W) or (C, H, W), got shape {img.shape}")
+
+
+def _median_mad(pixels: np.ndarray) -> tuple[float, float]:
+    """Median and normalised MAD of the finite values of ``pixels``."""
+    finite = pixels[np.isfinite(pixels)]
+    if finite.size == 0:
+        return 0.0, 0.0
+    if finite.size > 4_000_000:  # statistics of a large frame do not need every pixel
+        finite = finite[:: finite.size // 2_000_000]
+    med = float(np.median(finite))
+    return med, MAD_TO_SIGMA * float(np.median(np.abs(finite - med)))
+
+
+def _stf_channel(x: np.ndarray, median: float, mad: float, shadows_clip_mad, target_median):
+    """Apply the STF to one channel already normalised to [0, 1]."""
+    black = min(max(median + shadows_clip_mad * mad, 0.0), 1.0)
+    if black >= 1.0:
+        return np.zeros_like(x)
+    median_after_clip = (median - black) / (1.0 - black)
+    if not 0.0 < median_after_clip < 1.0:
+        # No sky above the black point (a blank frame): a plain linear ramp is the honest view.
+        return np.clip((x - black) / (1.0 - black), 0.0, 1.0)
+    # MTF is its own inverse in m: choosing m = MTF(target, median) puts the median at target.
+    m = float(midtones_transfer(median_after_clip, target_median))
+    return midtones_transfer((x - black) / (1.0 - black), m)
+
+
+def autostretch(
+    image, shadows_clip_mad: float = -2.8, target_median: float = 0.25, linked: bool = False
+) -> np.ndarray:
+    """Siril/PixInsight-style screen transfer function; returns float32 in [0, 1], same shape.
+
+    The image is first scaled to [0, 1] by its finite min and max (all channels together).
+    Per channel (unless ``linked``): black point = median + shadows_clip_mad * MAD (normalised
+    to sigma), then the midtones transfer function that puts the median at ``target_median``.
+    Unlinked channels each get their own black point, which neutralises a colour cast of the
+    sky; linked channels share the mean of the channel statistics and keep their colour ratios.
+    """
+    if not 0.0 < target_median < 1.0:
+        raise NightstackError(f"stretch: target_median must be in (0, 1), got {target_median}")
+    chans, mono = _channels(image)
+    finite = np.isfinite(chans)
+    if not finite.any():
+        return np.zeros(np.shape(image), dtype=np.float32)
+    low, high = float(chans[finite].min()), float(chans[finite].max())
+    norm = (chans - low) / (high - low) if high > low else np.zeros_like(chans)
+    stats = np.array([_median_mad(c) for c in norm])
+    if linked:
+        stats[:] = stats.mean(axis=0)
+    out = np.stack(
+        [
+            _stf_channel(c, med, mad, shadows_clip_mad, target_median)
+            for c, (med, mad) in zip(norm, stats)
+        ]
+    )
+    out = np.nan_to_num(out, nan=0.0).astype(np.float32)
+    return out[0] if mono else out
+
+
+def linear_scale(image, low=None, high=None):
+    """Map [low, high] linearly onto [0, 1] and clip; for the 16-bit linear TIFF.
+
+    image: (H, W) or (C, H, W) float. low: default the 0.001 quantile of the finite pixels (all
+    channels together, so colour ratios survive); high: default their maximum.
+    Returns (scaled float32 in [0, 1] with NaN -> 0, low, high), low and high in the image unit.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    finite = img[np.isfinite(img)]
+    if finite.size == 0:
+        raise NightstackError("stretch: image has no finite pixels")
+    low = float(np.quantile(finite, 0.001)) if low is None else float(low)
+    high = float(finite.max()) if high is None else float(high)
+    if not high > low:
+        high = low + 1.0  # a flat image: any non-empty range maps it to 0
+    scaled = np.clip((img - low) / (high - low), 0.0, 1.0)
+    return np.nan_to_num(scaled, nan=0.0).astype(np.float32), low, high

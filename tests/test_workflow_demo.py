@@ -1,0 +1,113 @@
+"""The whole workflow on the demo night: accuracy against the generator's truth, noise, sharpness,
+outputs, and which jobs rerun when a setting changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from astropy.io import fits
+from PIL import Image
+
+from nightstack.camera import apply_homography
+from nightstack.io import read_json
+
+from workflow_helpers import night_fwhm_figures, planned_jobs, snakemake, write_config
+
+pytestmark = pytest.mark.workflow
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    write_config(work)
+    snakemake(work, timeout=2400)
+    return work
+
+
+def test_outputs_exist_and_are_well_formed(demo_run):
+    night = demo_run / "results" / "demo"
+    with fits.open(night / "stack.fits") as hdul:
+        data, hdr = hdul[0].data, hdul[0].header
+        assert data.dtype == np.float32 and data.shape == (3, 1066, 1600)
+        assert "COVERAGE" in hdul
+    sol = read_json(night / "solution.json")
+    accepted = [f for f in sol["frames"] if f["status"] == "accepted"]
+    assert hdr["NCOMBINE"] == len(accepted) == 16
+    assert hdr["EXPTIME"] == pytest.approx(16 * 20.0)
+    assert "nightstack" in str(hdr.get("SOFTWARE", "")) + str(hdr.get("NSVER", ""))
+    tif = tifffile.imread(night / "stack.tif")
+    assert tif.dtype == np.uint16 and tif.shape[:2] == (1066, 1600)
+    png = Image.open(night / "stack.png")
+    assert png.size == (1600, 1066)
+    for kind in ("bias", "dark", "flat"):
+        assert (night / "masters" / f"{kind}.fits").is_file()
+
+
+def test_every_homography_matches_truth(demo_run):
+    truth = read_json(demo_run / "resources" / "demo-night" / "truth.json")
+    sol = read_json(demo_run / "results" / "demo" / "solution.json")
+    true_h = {f"light_{t['index']:03d}": np.asarray(t["H"]) for t in truth["frames"]}
+    ref = sol["reference"]
+    xs, ys = np.meshgrid(np.linspace(0, 1599, 33), np.linspace(0, 1065, 23))
+    grid = np.column_stack([xs.ravel(), ys.ravel()])
+    errors = {}
+    for rec in sol["frames"]:
+        # truth maps frame-0 pixels; ours map reference pixels
+        h_true = true_h[rec["frame"]] @ np.linalg.inv(true_h[ref])
+        d = apply_homography(np.asarray(rec["H"]), grid) - apply_homography(h_true, grid)
+        errors[rec["frame"]] = float(np.sqrt(np.mean(np.sum(d**2, axis=1))))
+    assert max(errors.values()) <= 0.05, errors
+
+
+def _aperture_noise(image2d, mask_stars, n=400, radius=3, seed=0):
+    """Std of sums in circular apertures placed on empty sky."""
+    rng = np.random.default_rng(seed)
+    h, w = image2d.shape
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    disk = (xx**2 + yy**2) <= radius**2
+    sums = []
+    tries = 0
+    while len(sums) < n and tries < n * 50:
+        tries += 1
+        x, y = rng.integers(100, w - 100), rng.integers(100, h - 100)
+        cut = (slice(y - radius, y + radius + 1), slice(x - radius, x + radius + 1))
+        if mask_stars[cut].any():
+            continue
+        sums.append(image2d[cut][disk].sum())
+    return float(np.std(sums))
+
+
+def test_noise_falls_with_frame_count(demo_run):
+    night = demo_run / "results" / "demo"
+    with fits.open(night / "stack_linear.fits") as hdul:
+        stack = np.asarray(hdul[0].data, dtype=np.float64).mean(axis=0)
+    sol = read_json(night / "solution.json")
+    with fits.open(night / "calibrated" / f"{sol['reference']}.fits") as hdul:
+        single = np.asarray(hdul[0].data, dtype=np.float64).mean(axis=0)
+    from scipy.ndimage import binary_dilation, median_filter
+
+    resid = single - median_filter(single, 15)
+    stars = binary_dilation(resid > 5 * np.std(resid[::7, ::7]), iterations=6)
+    n = sol["n_accepted"]
+    ratio = _aperture_noise(single, stars) / _aperture_noise(stack, stars)
+    assert ratio >= 0.9 * np.sqrt(n), ratio
+
+
+def test_stack_is_as_sharp_as_the_frames(demo_run):
+    stack_fwhm, best, median = night_fwhm_figures(demo_run / "results", "demo")
+    assert stack_fwhm <= 1.08 * median, (stack_fwhm, best, median)
+
+
+def test_changing_stacking_reruns_only_stack(demo_run):
+    write_config(demo_run, stacking={"method": "mean"})
+    jobs = planned_jobs(snakemake(demo_run, "-n"))
+    assert set(jobs) - {"all"} == {"stack", "outputs"}, jobs
+
+
+def test_changing_star_detection_reruns_from_stars(demo_run):
+    write_config(demo_run, stars={"detect_sigma": 6.0})
+    jobs = planned_jobs(snakemake(demo_run, "-n"))
+    assert "calibrate" not in jobs and "master" not in jobs and "demo_night" not in jobs, jobs
+    assert jobs.get("stars") == 16 and {"pose", "solve", "stack", "outputs"} <= set(jobs), jobs
+    write_config(demo_run)
