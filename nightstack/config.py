@@ -101,7 +101,14 @@ def _kind_folder(night: Path, kind: str) -> Path | None:
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_file(p))
+    # a broken link is kept, so the frame is rejected with a reason instead of vanishing
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and not p.name.startswith(".")
+        and is_image_file(p)
+    )
 
 
 def inventory(night: Path) -> dict[str, list[Path]]:

@@ -56,6 +56,21 @@ def _remove_quietly(path):
         os.unlink(path)
 
 
+def header_text(text) -> str:
+    """A string FITS accepts (printable ASCII): other characters and '%' percent-encoded."""
+    from urllib.parse import quote
+
+    safe = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")
+    return quote(str(text), safe=safe)
+
+
+def header_text_decoded(value) -> str:
+    """Inverse of header_text."""
+    from urllib.parse import unquote
+
+    return unquote(str(value))
+
+
 def write_json(path, obj) -> None:
     with atomic_path(path, ".json") as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")

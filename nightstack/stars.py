@@ -704,12 +704,19 @@ def detect_stars_presmoothed(image, cfg: StarConfig = StarConfig(), presmooth_px
     """
     if presmooth_px <= 0:
         return detect_stars(image, cfg, mask)
-    lum = ndimage.gaussian_filter(_finite_image(luminance(image)), presmooth_px)
-    table = detect_stars(lum, cfg, mask)
+    native = _finite_image(luminance(image))
+    table = detect_stars(ndimage.gaussian_filter(native, presmooth_px), cfg, mask)
     if len(table):
+        # shape from the unsmoothed image at the smoothed positions; quadrature as a fallback
         kernel_fwhm = FWHM_PER_SIGMA * presmooth_px
         fwhm = np.asarray(table["fwhm_px"])
-        table["fwhm_px"] = np.sqrt(np.maximum(fwhm**2 - kernel_fwhm**2, (0.5 * fwhm) ** 2))
+        fwhm = np.sqrt(np.maximum(fwhm**2 - kernel_fwhm**2, (0.5 * fwhm) ** 2))
+        ell = np.asarray(table["ellipticity"])
+        refit = fit_stars(native, np.asarray(table["x"]), np.asarray(table["y"]), cfg)
+        ok = np.asarray(refit["ok"], bool) & np.isfinite(refit["fwhm_px"])
+        table["fwhm_px"] = np.where(ok, refit["fwhm_px"], fwhm)
+        table["ellipticity"] = np.where(ok, refit["ellipticity"], ell)
         table.meta["fwhm_px_median"] = float(np.median(table["fwhm_px"]))
+        table.meta["ellipticity_median"] = float(np.median(table["ellipticity"]))
     table.meta["presmooth_px"] = float(presmooth_px)
     return table

@@ -8,6 +8,7 @@ A frame that cannot be used is never an exception here: its artifact records
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +20,16 @@ from .background import background_config_from_dict, remove_background
 from .calibration import calibrate, make_master, master_from_fits, write_master
 from .camera import Camera, default_focal_px
 from .errors import FrameError, NightstackError
-from .io import read_catalog, read_fits_image, read_json, write_catalog, write_fits_image, write_json
+from .io import (
+    header_text,
+    header_text_decoded,
+    read_catalog,
+    read_fits_image,
+    read_json,
+    write_catalog,
+    write_fits_image,
+    write_json,
+)
 from .loading import load_frame
 from .logs import Progress, log
 from .registration import (
@@ -62,12 +72,26 @@ def master_step(kind: str, paths, output, params: dict, bias=None, dark=None) ->
 # --------------------------------------------------------------------------- calibrate
 
 
-def rejected_header(source: str, reason: str) -> dict:
-    return {"NSSTATUS": "rejected", "NSREASON": reason[:60], "SOURCE": source, "SOFTWARE": SOFTWARE}
+def rejected_header(source: str, reason: str):
+    """Header of the empty FITS that stands for a rejected frame (reason kept whole)."""
+    from astropy.io import fits
+
+    hdr = fits.Header()
+    hdr["NSSTATUS"] = "rejected"
+    hdr["SOURCE"] = header_text(source)
+    hdr["SOFTWARE"] = SOFTWARE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)  # long strings: CONTINUE cards
+        hdr["NSREASON"] = header_text(reason)
+    return hdr
 
 
 def _long_reason(header) -> str:
-    return str(header.get("NSREASON", "rejected"))
+    return header_text_decoded(header.get("NSREASON", "rejected"))
+
+
+def _source(header, default) -> str:
+    return header_text_decoded(header["SOURCE"]) if "SOURCE" in header else str(default)
 
 
 def calibrate_step(light, output, masters: dict, calib_params: dict, background_params: dict) -> None:
@@ -79,12 +103,12 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
         cal = calibrate(raw, loaded.get("bias"), loaded.get("dark"), loaded.get("flat"), calib_params)
     except FrameError as exc:
         log.warning("rejected %s: %s", source, exc.reason)
-        write_fits_image(output, None, {**rejected_header(source, exc.reason), "NSFULL": exc.reason[:68]})
+        write_fits_image(output, None, rejected_header(source, exc.reason))
         return
     data = cal.data
     header = {
         "NSSTATUS": "ok",
-        "SOURCE": source,
+        "SOURCE": header_text(source),
         "SOFTWARE": SOFTWARE,
         "BUNIT": "ADU",
     }
@@ -101,7 +125,7 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
     for key, card in meta_keys.items():
         value = cal.meta.get(key)
         if value is not None and value != "":
-            header[card] = value
+            header[card] = header_text(value) if isinstance(value, str) else value
     if background_params.get("before_stars", True):
         data, _ = remove_background(data, background_config_from_dict(_bg_only(background_params)))
         cal.notes.append("light-pollution gradient removed")
@@ -135,7 +159,7 @@ def channel_levels(data: np.ndarray, step: int = 4):
 def stars_step(calibrated, output, star_params: dict) -> None:
     """Detect stars in a calibrated frame and write the catalog (ECSV) with frame statistics."""
     data, header = read_fits_image(calibrated, memmap=False)
-    source = header.get("SOURCE", Path(calibrated).name)
+    source = _source(header, Path(calibrated).name)
     if header.get("NSSTATUS") != "ok" or data is None:
         table = Table(names=["x", "y", "flux", "fwhm_px", "ellipticity", "snr", "peak"])
         table.meta.update(status="rejected", reason=_long_reason(header), source=source)
@@ -154,7 +178,7 @@ def stars_step(calibrated, output, star_params: dict) -> None:
         height_px=int(data.shape[-2]),
         n_channels=int(data.shape[0]) if data.ndim == 3 else 1,
         exptime_s=header.get("EXPTIME"),
-        date_obs=header.get("DATE-OBS"),
+        date_obs=header_text_decoded(header["DATE-OBS"]) if "DATE-OBS" in header else None,
         focal_mm=header.get("FOCALLEN"),
         pixel_um=header.get("XPIXSZ"),
         channel_background=[float(v) for v in bg],
@@ -187,10 +211,12 @@ def reference_step(night: str, catalogs: dict, output, reference: str = "auto") 
         same = {f: m for f, m in usable.items() if (m["width_px"], m["height_px"]) == size}
         # the stack lives on the reference's pixel grid, so it should be one of the sharpest
         # frames (others are resampled, which softens undersampled stars a little)
+        # (others are resampled, which softens undersampled stars a little); among frames with
+        # at least half the best star count, the smallest FWHM wins
+        counts = np.array([m.get("n_stars", 0) for m in same.values()], float)
         fwhm = np.array([m.get("fwhm_px_median") or np.inf for m in same.values()], float)
-        limit = 1.1 * np.min(fwhm) if np.any(np.isfinite(fwhm)) else np.inf
-        sharp = [f for f, w in zip(same, fwhm) if w <= limit] or list(same)
-        chosen = max(sharp, key=lambda f: (same[f].get("n_stars", 0), -list(catalogs).index(f)))
+        fwhm[counts < 0.5 * counts.max()] = np.inf
+        chosen = list(same)[int(np.argmin(fwhm))] if np.any(np.isfinite(fwhm)) else max(same, key=lambda f: same[f].get("n_stars", 0))
     meta = usable[chosen]
     write_json(output, {"night": night, "frame": chosen, "source": meta.get("source"), "catalog": str(catalogs[chosen])})
     log.info("reference of night %s: %s", night, meta.get("source"))
@@ -352,6 +378,7 @@ def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, outp
     """Reproject every accepted frame into the reference and combine; write the linear stack."""
     from astropy.io import fits
 
+    from .outputs import stack_header, write_stack_fits
     from .stacking import FrameWarp, stack_config_from_dict, stack_frames
 
     sol = read_json(solution_json)
@@ -388,20 +415,13 @@ def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, outp
     progress()
     exptimes = [r.get("exptime_s") for r in used if r.get("exptime_s")]
     dates = sorted(r["date_obs"] for r in used if r.get("date_obs"))
-    hdr = fits.Header()
-    hdr["SOFTWARE"] = SOFTWARE
-    hdr["NIGHT"] = night
-    hdr["NCOMBINE"] = len(used)
-    hdr["STACKMTH"] = cfg.method
-    hdr["REFFRAME"] = sol.get("reference_file") or ref_id
-    if exptimes:
-        hdr["EXPTIME"] = (float(np.sum(exptimes)), "total exposure of the stacked frames [s]")
-    if dates:
-        hdr["DATE-BEG"], hdr["DATE-END"] = dates[0], dates[-1]
-    for i, rec in enumerate(used):
-        hdr[f"FRAME{i:03d}"] = rec["file"]
-    cov = fits.ImageHDU(coverage.astype(np.int16), name="COVERAGE")
-    write_fits_image(output, image, hdr, extra_hdus=[cov])
+    hdr = stack_header({
+        "software_version": SOFTWARE, "n_frames": len(used), "frames": [r["file"] for r in used],
+        "total_exptime_s": float(np.sum(exptimes)) if exptimes else None,
+        "date_obs_start": dates[0] if dates else None, "date_obs_end": dates[-1] if dates else None,
+        "method": cfg.method, "night": night, "reference": sol.get("reference_file") or ref_id,
+    })
+    write_stack_fits(output, image, hdr, coverage=coverage)
     write_json(Path(output).with_suffix(".json"), {"frames": [r["file"] for r in used], "info": info})
     log.info("night %s: stacked %d frames (%s)", night, len(used), info)
 
@@ -410,13 +430,15 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
     """Final gradient removal, then stack.fits (float32 + provenance), 16-bit TIFF, PNG preview."""
     from astropy.io import fits
 
-    from .outputs import stack_header, write_preview_png, write_stack_fits, write_tiff16
+    from .outputs import frame_names_from_header, stack_header, write_preview_png, write_stack_fits, write_tiff16
 
     with fits.open(stack_linear) as hdul:
         image = np.asarray(hdul[0].data, dtype=np.float32)
         header = hdul[0].header.copy()
         coverage = np.asarray(hdul["COVERAGE"].data) if "COVERAGE" in hdul else None
-    frames = [header[k] for k in header if k.startswith("FRAME")]
+    frames = frame_names_from_header(header)
+    text = {k: header_text_decoded(header[k]) if k in header else None
+            for k in ("DATE-BEG", "DATE-END", "STACKMTH", "NIGHT", "REFFRAME")}
     if background_params.get("after_stack", True):
         valid = np.isfinite(image)
         filled = np.where(valid, image, np.nanmedian(image))
@@ -427,11 +449,11 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
         "n_frames": int(header.get("NCOMBINE", len(frames))),
         "frames": frames,
         "total_exptime_s": header.get("EXPTIME"),
-        "date_obs_start": header.get("DATE-BEG"),
-        "date_obs_end": header.get("DATE-END"),
-        "method": header.get("STACKMTH"),
-        "night": header.get("NIGHT"),
-        "reference": header.get("REFFRAME"),
+        "date_obs_start": text["DATE-BEG"],
+        "date_obs_end": text["DATE-END"],
+        "method": text["STACKMTH"],
+        "night": text["NIGHT"],
+        "reference": text["REFFRAME"],
     }
     hdr = stack_header(meta)
     write_stack_fits(out_fits, image, hdr, coverage=coverage)
@@ -466,3 +488,43 @@ def demo_step(folder, params: dict) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(p), dest)
     log.info("demo night generated in %s", folder)
+
+
+# --------------------------------------------------------------------------- star trails
+
+
+def trails_step(night: str, calibrated: list, output, trails_params: dict) -> None:
+    """Star-trail mode: no registration; frames in time order, lighten (or average) stack."""
+    from astropy.io import fits
+
+    from .outputs import stack_header, write_stack_fits
+    from .trails import stack_trails, trails_config_from_dict
+
+    usable = []
+    for path in calibrated:
+        hdr = fits.getheader(path)
+        source = _source(hdr, Path(path).name)
+        if hdr.get("NSSTATUS") != "ok":
+            log.warning("night %s: frame %s rejected: %s", night, source, _long_reason(hdr))
+            continue
+        date = header_text_decoded(hdr["DATE-OBS"]) if "DATE-OBS" in hdr else ""
+        usable.append((date, source, str(path), hdr.get("EXPTIME")))
+    if not usable:
+        raise NightstackError(f"night '{night}' has no usable frame for star trails")
+    usable.sort()
+    cfg = trails_config_from_dict(trails_params)
+    progress = Progress(f"star trails of night {night}", len(usable))
+    image, info = stack_trails([u[2] for u in usable], cfg, progress=progress)
+    skipped = {s["path"] for s in info.get("skipped", [])}
+    used = [u for u in usable if u[2] not in skipped]
+    exptimes = [u[3] for u in used if u[3]]
+    dates = [u[0] for u in used if u[0]]
+    hdr = stack_header({
+        "software_version": SOFTWARE, "n_frames": len(used), "frames": [u[1] for u in used],
+        "total_exptime_s": float(np.sum(exptimes)) if exptimes else None,
+        "date_obs_start": dates[0] if dates else None, "date_obs_end": dates[-1] if dates else None,
+        "method": f"trails-{cfg.method}", "night": night, "reference": None,
+    })
+    write_stack_fits(output, image, hdr)
+    write_json(Path(output).with_suffix(".json"), {"frames": [u[1] for u in used], "info": info})
+    log.info("night %s: star trails from %d frames", night, len(used))

@@ -1,7 +1,7 @@
 rule calibrate:
     input:
         unpack(light_masters),
-        light=light_file,
+        light=light_input,
     output:
         f"{RESULTS}/{{night}}/calibrated/{{frame}}.fits",
     log:
@@ -14,6 +14,7 @@ rule calibrate:
         mem_mb=3000,
         runtime=10,
     params:
+        light=light_file,
         calibration=config["calibration"],
         background=config["background"],
     script:

@@ -60,6 +60,12 @@ def light_file(wildcards):
     return str(FRAMES[wildcards.night][wildcards.frame])
 
 
+def light_input(wildcards):
+    """The light as a tracked input; a broken link is no input (its job rejects it by name)."""
+    path = FRAMES[wildcards.night][wildcards.frame]
+    return [str(path)] if path.exists() else []
+
+
 def calibration_files(wildcards):
     return [str(p) for p in CALIB[wildcards.night][wildcards.kind]]
 
@@ -128,6 +134,12 @@ def demo_frames():
 
 def demo_params():
     return config.get("demo", {})
+
+
+def final_stack(wildcards):
+    """The combined image of a night: registered stack, or star trails in trails mode."""
+    name = "stack_trails" if config.get("mode", "deep") == "trails" else "stack_linear"
+    return f"{night_dir(wildcards.night)}/{name}.fits"
 
 
 def stack_mem_mb(wildcards, attempt):

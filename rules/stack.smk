@@ -21,9 +21,28 @@ rule stack:
         "../scripts/stack.py"
 
 
+rule trails:
+    input:
+        calibrated=calibrated_of,
+    output:
+        fits=f"{RESULTS}/{{night}}/stack_trails.fits",
+        info=f"{RESULTS}/{{night}}/stack_trails.json",
+    log:
+        f"{RESULTS}/{{night}}/logs/trails.log",
+    conda:
+        "../envs/nightstack.yaml"
+    resources:
+        mem_mb=3000,
+        runtime=120,
+    params:
+        trails=config["trails"],
+    script:
+        "../scripts/trails.py"
+
+
 rule outputs:
     input:
-        f"{RESULTS}/{{night}}/stack_linear.fits",
+        final_stack,
     output:
         fits=f"{RESULTS}/{{night}}/stack.fits",
         tiff=f"{RESULTS}/{{night}}/stack.tif",

@@ -6,7 +6,7 @@ from nightstack.steps import calibrate_step
 masters = {k: snakemake.input.get(k) for k in ("bias", "dark", "flat")}
 run_step(
     calibrate_step,
-    snakemake.input.light,
+    snakemake.params.light,
     snakemake.output[0],
     masters,
     snakemake.params.calibration,

@@ -71,15 +71,19 @@ def fwhm_at(image, xy, cfg=StarConfig()) -> np.ndarray:
     return np.asarray(fit["fwhm_px"])[ok]
 
 
-def good_reference_stars(catalog_path, n: int = 150, min_snr: float = 30.0) -> np.ndarray:
+def good_reference_stars(catalog_path, n: int = 150, min_snr: float = 20.0) -> np.ndarray:
     """Positions of bright, unsaturated, round stars of a catalog, away from the borders."""
     cat = read_catalog(catalog_path)
+    if np.sum(np.asarray(cat["snr"]) > min_snr) < 20:
+        min_snr = float(np.sort(np.asarray(cat["snr"]))[-min(len(cat), 30)])
     w, h = cat.meta["width_px"], cat.meta["height_px"]
     x, y = np.asarray(cat["x"]), np.asarray(cat["y"])
     peak = np.asarray(cat["peak"])
     sel = (np.asarray(cat["snr"]) > min_snr) & (np.asarray(cat["ellipticity"]) < 0.3)
     sel &= (x > 20) & (y > 20) & (x < w - 21) & (y < h - 21)
-    sel &= peak < np.nanpercentile(peak, 98) if np.any(sel) else sel
+    saturation = cat.meta.get("saturation_adu")
+    if saturation is not None and np.isfinite(saturation):
+        sel &= peak < 0.9 * saturation
     idx = np.nonzero(sel)[0][:n]
     return np.column_stack([x[idx], y[idx]])
 
