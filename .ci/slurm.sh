@@ -61,8 +61,7 @@ cleanup() {
   local rc=$?
   set +e
   if [ -n "$SNAKEMAKE_PID" ] && kill -0 "$SNAKEMAKE_PID" 2>/dev/null; then
-    # SIGINT (timeout passes it on): Snakemake then cancels its Slurm jobs and removes
-    # incomplete outputs; SIGTERM would leave both behind.
+    # SIGINT (timeout passes it on) is Snakemake's clean stop: it cancels its Slurm jobs.
     echo "interrupting snakemake (pid $SNAKEMAKE_PID)"
     kill -INT "$SNAKEMAKE_PID"
     for _ in $(seq 120); do kill -0 "$SNAKEMAKE_PID" 2>/dev/null || break; sleep 0.5; done

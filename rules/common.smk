@@ -61,9 +61,12 @@ def light_file(wildcards):
 
 
 def light_input(wildcards):
-    """The light as a tracked input; a broken link is no input (its job rejects it by name)."""
+    """The light as a tracked input; a broken link is no input (its job rejects it by name).
+
+    Files still to be made (the demo night) are inputs like any other.
+    """
     path = FRAMES[wildcards.night][wildcards.frame]
-    return [str(path)] if path.exists() else []
+    return [] if path.is_symlink() and not path.exists() else [str(path)]
 
 
 def calibration_files(wildcards):

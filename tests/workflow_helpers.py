@@ -22,7 +22,7 @@ def write_config(workdir: Path, **overrides) -> Path:
     """config.yaml in ``workdir``: the shipped one with top-level keys replaced."""
     cfg = yaml.safe_load((REPO / "config.yaml").read_text())
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict) and key != "nights":
             cfg[key] = {**cfg[key], **value}
         else:
             cfg[key] = value
