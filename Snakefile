@@ -6,6 +6,9 @@
 configfile: "config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/demo.smk"
 include: "rules/masters.smk"
@@ -13,9 +16,11 @@ include: "rules/calibrate.smk"
 include: "rules/stars.smk"
 include: "rules/register.smk"
 include: "rules/stack.smk"
+include: "rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
         final_outputs(),
+        report_plots(),

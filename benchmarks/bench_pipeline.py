@@ -502,6 +502,9 @@ def measure(ds: DataSet, tool: str, keep: bool) -> Measurement:
     print(f"{wall:.1f} s" if wall is not None else "skipped", flush=True)
     if not keep:
         shutil.rmtree(workdir, ignore_errors=True)
+        for empty in (workdir.parent, workdir.parent.parent):
+            if empty.exists() and not any(empty.iterdir()):
+                empty.rmdir()
     details = {k: v for k, v in result.items() if k not in ("wall_s", "peak_rss_mb", "returncode", "stacked", "error")}
     details["workdir"] = str(workdir) if keep else None
     return Measurement(ds.name, len(ds.lights), frame_size(ds.lights[0]), tool, wall,

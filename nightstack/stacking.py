@@ -30,7 +30,6 @@ iteration are iterated again.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from scipy import ndimage
 
 from .camera import Camera, map_ref_to_frame
 from .errors import FrameError, NightstackError
+from .settings import settings_from_dict
 from .io import open_fits_data
 
 log = logging.getLogger("nightstack")
@@ -119,39 +119,9 @@ class TilePlan:
 
 def stack_config_from_dict(d: dict | None) -> StackConfig:
     """Build a StackConfig from a settings dict; unknown keys or bad values -> NightstackError."""
-    if d is None:
-        return StackConfig()
-    if not isinstance(d, dict):
-        raise NightstackError(f"stack settings must be a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(StackConfig)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise NightstackError(
-            f"unknown stack setting(s) {', '.join(unknown)}; known: {', '.join(fields)}"
-        )
-    values = {key: _setting_value(key, value, fields[key].default) for key, value in d.items()}
-    cfg = StackConfig(**values)
+    cfg = settings_from_dict(StackConfig, d, "stack")
     validate_stack_config(cfg)
     return cfg
-
-
-def _setting_value(key: str, value, default):
-    """Coerce one setting to the type of its default, or raise NightstackError."""
-    try:
-        if isinstance(default, str):
-            if not isinstance(value, str):
-                raise ValueError
-            return value.strip().lower()
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(default, int):
-            if float(value) != int(value):
-                raise ValueError
-            return int(value)
-        return float(value)
-    except (TypeError, ValueError):
-        kind = "a word" if isinstance(default, str) else "a number"
-        raise NightstackError(f"stack setting {key}: expected {kind}, got {value!r}") from None
 
 
 def validate_stack_config(cfg: StackConfig) -> None:

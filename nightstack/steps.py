@@ -37,10 +37,9 @@ from .registration import (
     RegistrationConfig,
     StarList,
     estimate_pose,
-    frame_homography,
     solve_night,
 )
-from .stars import detect_stars_presmoothed, luminance, star_config_from_dict
+from .stars import detect_stars_presmoothed, star_config_from_dict
 
 SOFTWARE = f"nightstack {__version__}"
 
@@ -301,7 +300,7 @@ def _pose_from_record(rec: dict) -> Pose:
 
 
 def solve_step(night: str, frames: list, catalogs: dict, poses: dict, reference_json, output,
-               reg_params: dict) -> None:
+               reg_params: dict, quality_params: dict | None = None) -> None:
     """Global bundle adjustment of a night; writes solution.json listing every frame."""
     ref_info = read_json(reference_json)
     ref_id = ref_info["frame"]
@@ -338,6 +337,7 @@ def solve_step(night: str, frames: list, catalogs: dict, poses: dict, reference_
                    n_stars=len(tables[f]), fwhm_px=_num(meta.get("fwhm_px_median")),
                    reference=(f == ref_id))
         frame_records.append(rec)
+    _judge_quality(frame_records, tables, quality_params)
     accepted = [r for r in frame_records if r["status"] == "accepted"]
     for r in frame_records:
         if r["status"] != "accepted":
@@ -353,6 +353,33 @@ def solve_step(night: str, frames: list, catalogs: dict, poses: dict, reference_
         "frames": frame_records,
     })
     log.info("night %s: %d of %d frames accepted", night, len(accepted), len(frames))
+
+
+def _judge_quality(records: list, tables: dict, quality_params) -> None:
+    """Score every registered frame and reject outliers (robust statistics over the night)."""
+    from .quality import judge_frames, quality_config_from_dict, score_frames
+
+    cfg = quality_config_from_dict(quality_params or {})
+    rows = []
+    for rec in records:
+        meta = tables[rec["frame"]].meta
+        rec["quality"] = {
+            "fwhm_px": rec.get("fwhm_px"),
+            "ellipticity": _num(meta.get("ellipticity_median")),
+            "n_stars": rec.get("n_stars"),
+            "background_adu": _num(float(np.mean(meta["channel_background"]))) if meta.get("channel_background") else None,
+            "noise_adu": _num(float(np.mean(meta["channel_noise"]))) if meta.get("channel_noise") else None,
+            "residual_rms_px": rec.get("residual_rms_px"),
+        }
+        if rec["status"] == "accepted":
+            rows.append({"frame": rec["frame"], **rec["quality"]})
+    verdict = judge_frames(score_frames(rows), cfg) if rows else {}
+    for rec in records:
+        reason = verdict.get(rec["frame"], "")
+        if reason and not rec.get("reference"):
+            rec.update(status="rejected", reason=f"quality: {reason}")
+            for key in ("H", "rotation", "rotvec", "zoom", "focal_px", "flux_scale"):
+                rec.pop(key, None)
 
 
 # --------------------------------------------------------------------------- stack
@@ -376,7 +403,6 @@ def frame_weight(noise_adu, fwhm_px, weighting: str) -> float:
 
 def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, output, stack_params: dict) -> None:
     """Reproject every accepted frame into the reference and combine; write the linear stack."""
-    from astropy.io import fits
 
     from .outputs import stack_header, write_stack_fits
     from .stacking import FrameWarp, stack_config_from_dict, stack_frames

@@ -73,6 +73,7 @@ from scipy import linalg, ndimage
 from scipy.spatial import cKDTree
 
 from .errors import FrameError, NightstackError
+from .settings import settings_from_dict
 from .io import read_fits_image
 from .matching import match_coarse, mutual_nearest
 from .stars import StarConfig, detect_stars
@@ -122,43 +123,9 @@ class SkyMotion:
 
 def trails_config_from_dict(d: dict | None) -> TrailsConfig:
     """Build a TrailsConfig from a settings dict; unknown keys or bad values -> NightstackError."""
-    if d is None:
-        return TrailsConfig()
-    if not isinstance(d, dict):
-        raise NightstackError(f"trails settings must be a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(TrailsConfig)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise NightstackError(
-            f"unknown trails setting(s) {', '.join(unknown)}; known: {', '.join(fields)}"
-        )
-    values = {key: _setting_value(key, value, fields[key].default) for key, value in d.items()}
-    cfg = TrailsConfig(**values)
+    cfg = settings_from_dict(TrailsConfig, d, "trails")
     validate_trails_config(cfg)
     return cfg
-
-
-def _setting_value(key: str, value, default):
-    """Coerce one setting to the type of its default, or raise NightstackError."""
-    try:
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if isinstance(default, str):
-            if not isinstance(value, str):
-                raise ValueError
-            return value.strip().lower()
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(default, int):
-            if float(value) != int(value):
-                raise ValueError
-            return int(value)
-        return float(value)
-    except (TypeError, ValueError):
-        kind = {bool: "true or false", str: "a word"}.get(type(default), "a number")
-        raise NightstackError(f"trails setting {key}: expected {kind}, got {value!r}") from None
 
 
 def validate_trails_config(cfg: TrailsConfig) -> None:

@@ -147,3 +147,12 @@ def final_stack(wildcards):
 
 def stack_mem_mb(wildcards, attempt):
     return int(config["stacking"].get("memory_mb", 512)) * 2 + 500 * attempt
+
+
+def report_plots():
+    """The diagnostic plots of every night for the report (deep stacking only: trails have no
+    registration to show)."""
+    if config.get("mode", "deep") == "trails":
+        return []
+    names = ("frame_quality", "star_matches", "residual_field", "noise_curve")
+    return [f"{night_dir(n)}/plots/{name}.png" for n in NIGHTS for name in names]

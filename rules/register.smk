@@ -52,6 +52,7 @@ rule solve:
         runtime=30,
     params:
         registration=config["registration"],
+        quality=config["quality"],
         frames=frame_list,
     script:
         "../scripts/solve.py"

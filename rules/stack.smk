@@ -46,7 +46,12 @@ rule outputs:
     output:
         fits=f"{RESULTS}/{{night}}/stack.fits",
         tiff=f"{RESULTS}/{{night}}/stack.tif",
-        png=f"{RESULTS}/{{night}}/stack.png",
+        png=report(
+            f"{RESULTS}/{{night}}/stack.png",
+            caption="../report/stack.rst",
+            category="{night}",
+            subcategory="Stack",
+        ),
     log:
         f"{RESULTS}/{{night}}/logs/outputs.log",
     conda:

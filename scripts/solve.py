@@ -13,5 +13,6 @@ run_step(
     snakemake.input.reference,
     snakemake.output[0],
     snakemake.params.registration,
+    snakemake.params.quality,
     log_path=snakemake.log[0],
 )

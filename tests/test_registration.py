@@ -10,7 +10,6 @@ from nightstack.registration import (
     RegistrationConfig,
     StarList,
     estimate_pose,
-    frame_homography,
     solve_night,
 )
 

@@ -9,7 +9,6 @@ from scipy.special import erf
 from nightstack.errors import NightstackError
 from nightstack.stars import (
     FWHM_PER_SIGMA,
-    StarConfig,
     detect_stars,
     find_candidates,
     fit_stars,
