@@ -37,7 +37,7 @@ class RegistrationConfig:
     focal_prior_sigma: float = 0.3  # prior on log(focal) around the header/default guess
     max_tracks: int = 4000
     position_floor_px: float = 0.02  # centroid uncertainty floor (demosaicing, PSF shape)
-    min_snr: float = 10.0  # fainter stars add centroid noise, not information
+    min_snr: float = 15.0  # fainter stars add centroid noise, not information
 
 
 @dataclass
