@@ -192,9 +192,32 @@ def stars_step(calibrated, output, star_params: dict) -> None:
 # --------------------------------------------------------------------------- reference
 
 
+def _consensus(candidates: list, tables: dict, n_probe: int = 8) -> dict:
+    """For each candidate reference, how many of up to n_probe other frames its stars match.
+
+    A sharp frame of another field (or a mirrored one) must not become the reference: the
+    reference is the candidate that the rest of the night agrees with.
+    """
+    from .matching import match_coarse
+
+    others = list(tables)
+    scores = {}
+    for cand in candidates:
+        pool = [f for f in others if f != cand]
+        probe = [pool[i] for i in np.linspace(0, len(pool) - 1, min(n_probe, len(pool))).astype(int)] if pool else []
+        ref_xy = StarList.from_table(tables[cand], min_snr=15.0).xy
+        hits = 0
+        for f in probe:
+            m = match_coarse(StarList.from_table(tables[f], min_snr=15.0).xy, ref_xy)
+            hits += m is not None
+        scores[cand] = hits
+    return scores
+
+
 def reference_step(night: str, catalogs: dict, output, reference: str = "auto") -> None:
     """Choose the reference frame and write reference.json."""
-    metas = {fid: read_catalog(p).meta for fid, p in catalogs.items()}
+    tables = {fid: read_catalog(p) for fid, p in catalogs.items()}
+    metas = {fid: t.meta for fid, t in tables.items()}
     usable = {fid: m for fid, m in metas.items() if m.get("status") == "ok"}
     if not usable:
         reasons = "; ".join(f"{m.get('source', fid)}: {m.get('reason')}" for fid, m in metas.items())
@@ -215,7 +238,12 @@ def reference_step(night: str, catalogs: dict, output, reference: str = "auto") 
         counts = np.array([m.get("n_stars", 0) for m in same.values()], float)
         fwhm = np.array([m.get("fwhm_px_median") or np.inf for m in same.values()], float)
         fwhm[counts < 0.5 * counts.max()] = np.inf
-        chosen = list(same)[int(np.argmin(fwhm))] if np.any(np.isfinite(fwhm)) else max(same, key=lambda f: same[f].get("n_stars", 0))
+        order = [list(same)[i] for i in np.argsort(fwhm, kind="stable")]
+        # the sharpest few are candidates; the one most other frames match wins, then sharpness
+        candidates = order[:5]
+        agree = _consensus(candidates, {f: tables[f] for f in same})
+        best = max(agree.values())
+        chosen = next(f for f in candidates if agree[f] == best)
     meta = usable[chosen]
     write_json(output, {"night": night, "frame": chosen, "source": meta.get("source"), "catalog": str(catalogs[chosen])})
     log.info("reference of night %s: %s", night, meta.get("source"))
@@ -284,6 +312,12 @@ def pose_step(frame: str, catalog, reference_json, output, reg_params: dict) -> 
                     pairs=np.column_stack([np.arange(n_ref)] * 2))
     else:
         pose = estimate_pose(StarList.from_table(table, min_snr=cfg.min_snr), StarList.from_table(ref_table, min_snr=cfg.min_snr), ref_cam, cfg)
+        if pose.status != "accepted":
+            # say what the frame's stars looked like: trailed or blurred stars explain most failures
+            pose.reason += (
+                f" ({len(table)} stars, median FWHM {meta.get('fwhm_px_median', float('nan')):.1f} px,"
+                f" median ellipticity {meta.get('ellipticity_median', float('nan')):.2f})"
+            )
     write_json(output, _pose_record(frame, source, pose, ref_cam))
     log.info("%s: %s %s (%d pairs, RMS %s px)", source, pose.status, pose.reason, pose.n_pairs, _num(pose.rms_px))
 
