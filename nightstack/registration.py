@@ -197,7 +197,7 @@ def build_tracks(ref: StarList, frames: list[StarList], poses: list[Pose], ref_c
     reference missed but two or more frames share (partial overlaps)."""
     obs_f, obs_t, obs_xy, obs_s = [], [], [], []
     used_ref = np.zeros(len(ref.xy), dtype=bool)
-    extra_xy, extra_frame, extra_star = [], [], []
+    extra_xy, extra_frame, extra_obs, extra_sigma = [], [], [], []
     for k, (stars, pose) in enumerate(zip(frames, poses)):
         if pose.status != "accepted" or len(pose.pairs) == 0:
             continue
@@ -211,7 +211,8 @@ def build_tracks(ref: StarList, frames: list[StarList], poses: list[Pose], ref_c
         cam = ref_camera.with_focal(ref_camera.focal_px * pose.zoom)
         extra_xy.append(map_frame_to_ref(stars.xy[unmatched], ref_camera, cam, pose.rotation()))
         extra_frame.append(np.full(len(unmatched), k))
-        extra_star.append(unmatched)
+        extra_obs.append(stars.xy[unmatched])
+        extra_sigma.append(stars.sigma_px[unmatched])
     ref_ids = np.nonzero(used_ref)[0]
     n_tracks = len(ref.xy)
     obs_f.append(np.full(len(ref_ids), -1))
@@ -221,12 +222,12 @@ def build_tracks(ref: StarList, frames: list[StarList], poses: list[Pose], ref_c
     if extra_xy:
         exy = np.concatenate(extra_xy)
         efr = np.concatenate(extra_frame)
-        est = np.concatenate(extra_star)
+        eobs, esig = np.concatenate(extra_obs), np.concatenate(extra_sigma)
         # drop stars that land on a reference star: those are already tracked or were outliers
         if len(ref.xy) and len(exy):
             d, _ = cKDTree(ref.xy).query(exy, distance_upper_bound=3.0)
             far = ~np.isfinite(d)
-            exy, efr, est = exy[far], efr[far], est[far]
+            exy, efr, eobs, esig = exy[far], efr[far], eobs[far], esig[far]
         if len(exy) > 1:
             pairs = cKDTree(exy).query_pairs(r=cfg.final_radius_px / 2, output_type="ndarray")
             graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(exy),) * 2)
@@ -234,17 +235,16 @@ def build_tracks(ref: StarList, frames: list[StarList], poses: list[Pose], ref_c
             size = np.bincount(label, minlength=n_comp)
             # one observation per frame and track, at least two frames
             key = label.astype(np.int64) * (len(frames) + 1) + efr
-            dup = np.bincount(np.unique(key, return_inverse=True)[1])
-            clean_comp = np.ones(n_comp, dtype=bool)
             _, inverse = np.unique(key, return_inverse=True)
-            clean_comp[label[dup[inverse] > 1]] = False
+            clean_comp = np.ones(n_comp, dtype=bool)
+            clean_comp[label[np.bincount(inverse)[inverse] > 1]] = False
             good = (size[label] >= 2) & clean_comp[label]
             if np.any(good):
                 _, new_ids = np.unique(label[good], return_inverse=True)
                 obs_f.append(efr[good])
                 obs_t.append(n_tracks + new_ids)
-                obs_xy.append(np.stack([frames[k].xy[s] for k, s in zip(efr[good], est[good])]))
-                obs_s.append(np.array([frames[k].sigma_px[s] for k, s in zip(efr[good], est[good])]))
+                obs_xy.append(eobs[good])
+                obs_s.append(esig[good])
                 n_tracks += int(new_ids.max()) + 1
     frame = np.concatenate(obs_f).astype(int)
     track = np.concatenate(obs_t).astype(int)

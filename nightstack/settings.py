@@ -28,6 +28,12 @@ def settings_from_dict(cls, d: dict | None, label: str):
 def coerce_setting(label: str, key: str, value, default):
     """``value`` as the type of ``default``, or NightstackError."""
     try:
+        if default is None:  # an optional whole number
+            if value is None:
+                return None
+            if isinstance(value, bool) or float(value) != int(value):
+                raise ValueError
+            return int(value)
         if isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ValueError

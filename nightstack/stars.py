@@ -30,7 +30,6 @@ smeared by demosaicing (colourful dots in camera JPEGs) look like small stars an
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .errors import NightstackError
+from .settings import settings_from_dict
 
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 MAD_TO_SIGMA = 1.4826
@@ -69,31 +69,7 @@ class StarConfig:
 
 def star_config_from_dict(d: dict | None) -> StarConfig:
     """Build a StarConfig from a settings dict; unknown keys or bad values -> NightstackError."""
-    if d is None:
-        return StarConfig()
-    if not isinstance(d, dict):
-        raise NightstackError(f"star settings must be a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(StarConfig)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise NightstackError(
-            f"unknown star setting(s) {', '.join(unknown)}; known: {', '.join(fields)}"
-        )
-    values = {}
-    for key, value in d.items():
-        default = fields[key].default
-        try:
-            if value is None and key == "stamp_radius_px":
-                values[key] = None
-            elif isinstance(default, int) or key == "stamp_radius_px":
-                if isinstance(value, bool) or float(value) != int(value):
-                    raise ValueError
-                values[key] = int(value)
-            else:
-                values[key] = float(value)
-        except (TypeError, ValueError):
-            raise NightstackError(f"star setting {key}: expected a number, got {value!r}") from None
-    cfg = StarConfig(**values)
+    cfg = settings_from_dict(StarConfig, d, "star")
     _validate_config(cfg)
     return cfg
 

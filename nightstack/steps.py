@@ -232,9 +232,8 @@ def reference_step(night: str, catalogs: dict, output, reference: str = "auto") 
         size = sizes.most_common(1)[0][0]
         same = {f: m for f, m in usable.items() if (m["width_px"], m["height_px"]) == size}
         # the stack lives on the reference's pixel grid, so it should be one of the sharpest
-        # frames (others are resampled, which softens undersampled stars a little)
-        # (others are resampled, which softens undersampled stars a little); among frames with
-        # at least half the best star count, the smallest FWHM wins
+        # frames (others are resampled, which softens undersampled stars a little); candidates
+        # are frames with at least half the best star count, sharpest first
         counts = np.array([m.get("n_stars", 0) for m in same.values()], float)
         fwhm = np.array([m.get("fwhm_px_median") or np.inf for m in same.values()], float)
         fwhm[counts < 0.5 * counts.max()] = np.inf
