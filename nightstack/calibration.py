@@ -27,7 +27,11 @@ DEFAULT_CONFIG = {
     "cold_threshold": 0.5,
     "outlier_sigma": 10.0,
     "repair_outliers": True,
+    "dark_temperature_tolerance_c": 2.0,
 }
+# dark current roughly doubles every ~6 degC; at least this many hot pixels are needed to
+# measure how a dark of another temperature scales onto a light
+MIN_HOT_PIXELS_FOR_SCALE = 20
 MAD_TO_SIGMA = 1.4826
 # A lone spike must be at least this many times further above the background than its
 # brightest immediate neighbour; a star core shares its light with its neighbours.
@@ -622,8 +626,14 @@ def _format_seconds(value: float) -> str:
     return f"{value:g} s"
 
 
-def _subtract_offset_and_dark(data, raw: RawFrame, bias, dark, notes) -> None:
-    """In place: remove bias (or black level) and dark current, recording what was done."""
+def _subtract_offset_and_dark(data, raw: RawFrame, bias, dark, notes, settings=None) -> None:
+    """In place: remove bias (or black level) and dark current, recording what was done.
+
+    Dark current is scaled by the exposure ratio; when the dark's temperature differs from
+    the light's by more than ``dark_temperature_tolerance_c`` (and a bias isolates the dark
+    current) the scale is measured instead on the hot pixels the two share.
+    """
+    settings = {**DEFAULT_CONFIG, **(settings or {})}
     if bias is not None:
         data -= bias.data
         notes.append(f"bias subtracted (master of {bias.n_frames})")
@@ -634,24 +644,76 @@ def _subtract_offset_and_dark(data, raw: RawFrame, bias, dark, notes) -> None:
         return
     light_s, dark_s = raw.exptime_s, dark.exptime_s
     differ = light_s and dark_s and abs(light_s / dark_s - 1.0) > 0.01
+    warm = _temperature_mismatch(raw, dark, float(settings["dark_temperature_tolerance_c"]))
     if bias is None:
         data -= dark.data
+        if warm:
+            notes.append(f"{warm}: dark subtracted unscaled (no master bias to scale it)")
         if differ:
             notes.append(
                 f"dark subtracted unscaled: no master bias to scale it "
                 f"({_format_seconds(dark_s)} dark, {_format_seconds(light_s)} frame)"
             )
-        else:
+        elif not warm:
             notes.append(f"dark subtracted (master of {dark.n_frames}, includes the offset)")
         return
     scale = light_s / dark_s if differ else 1.0
-    data -= np.float32(scale) * (dark.data - bias.data)
+    current = dark.data - bias.data
+    if warm:
+        measured = dark_scale_from_hot_pixels(
+            data, current, raw.cfa_pattern, float(settings["hot_sigma"])
+        )
+        if measured is None:
+            notes.append(f"{warm}: dark current may not match (too few hot pixels to scale it)")
+        else:
+            notes.append(
+                f"{warm}: dark current scaled x{measured:.3g} to match the frame's hot pixels "
+                f"(exposure ratio alone: x{scale:.3g})"
+            )
+            scale = measured
+    data -= np.float32(scale) * current
+    if warm:
+        return
     if differ:
         notes.append(
             f"dark scaled x{scale:.3g} ({_format_seconds(dark_s)} -> {_format_seconds(light_s)})"
         )
     else:
         notes.append(f"dark current subtracted (master of {dark.n_frames})")
+
+
+def _temperature_mismatch(raw: RawFrame, dark: Master, tolerance_c: float) -> str:
+    """A note when the dark and the light were taken at temperatures further apart than
+    ``tolerance_c``; '' when they match or either temperature is unknown."""
+    light_c, dark_c = _frame_temperature(raw), dark.temperature_c
+    if light_c is None or dark_c is None or abs(light_c - dark_c) <= tolerance_c:
+        return ""
+    return f"dark taken at {dark_c:g} degC but this frame at {light_c:g} degC"
+
+
+def dark_scale_from_hot_pixels(offset_free: np.ndarray, dark_current: np.ndarray, cfa_pattern,
+                               sigma: float = 8.0) -> float | None:  # fmt: skip
+    """Scale that best fits ``dark_current`` (ADU) onto a bias-subtracted light mosaic.
+
+    Both are taken on the dark's hot pixels, each minus the median of its same-colour ring,
+    so sky, stars and gradients cancel; the scale is the median ratio (light / dark). None
+    when fewer than MIN_HOT_PIXELS_FOR_SCALE hot pixels are usable.
+    """
+    light = np.asarray(offset_free, dtype=np.float32)
+    current = np.asarray(dark_current, dtype=np.float32)
+    if light.ndim != 2:
+        return None
+    hot = find_hot_pixels(current, cfa_pattern, sigma)
+    ys, xs = np.nonzero(hot)
+    if ys.size < MIN_HOT_PIXELS_FOR_SCALE:
+        return None
+    step = _same_colour_step(_check_pattern(cfa_pattern))
+    light_excess = light[ys, xs] - _nanmedian_rows(_gather_neighbours(light, ys, xs, step))
+    dark_excess = current[ys, xs] - _nanmedian_rows(_gather_neighbours(current, ys, xs, step))
+    usable = np.isfinite(light_excess) & np.isfinite(dark_excess) & (dark_excess > 0)
+    if np.count_nonzero(usable) < MIN_HOT_PIXELS_FOR_SCALE:
+        return None
+    return float(max(np.median(light_excess[usable] / dark_excess[usable]), 0.0))
 
 
 def _dark_current(dark: Master, bias: Master | None) -> np.ndarray:
@@ -676,7 +738,7 @@ def calibrate(raw: RawFrame, bias: Master | None, dark: Master | None, flat: Mas
             _check_master_fits(raw.source, raw.data.shape, pattern, master)
     notes: list[str] = []
     data = np.array(raw.data, dtype=np.float32)
-    _subtract_offset_and_dark(data, raw, bias, dark, notes)
+    _subtract_offset_and_dark(data, raw, bias, dark, notes, settings)
     if flat is not None:
         data /= flat.data
         notes.append(f"flat-fielded (master of {flat.n_frames})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import re
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -122,6 +123,32 @@ def inventory(night: Path) -> dict[str, list[Path]]:
         folder = _kind_folder(night, kind)
         found[kind] = list_images(folder) if folder else []
     return found
+
+
+def ignored_files(night: Path) -> list[Path]:
+    """Files in a night's light folder that nightstack does not read (notes, sidecars, other
+    formats), so the user can be told they were left out."""
+    night = Path(night)
+    folder = _kind_folder(night, "light") or night
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and not is_image_file(p)
+    )
+
+
+def check_results_writable(results) -> None:
+    """NightstackError naming the results folder when it cannot be created or written."""
+    folder = Path(results)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".nightstack-write-test-"):
+            pass
+    except OSError as exc:
+        raise NightstackError(
+            f"results folder {folder} is not writable ({exc.strerror or exc})"
+        ) from None
 
 
 def frame_ids(paths) -> dict[str, Path]:

@@ -7,6 +7,7 @@ rename, so a killed job never leaves a half-written file that looks finished.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -39,10 +40,18 @@ def atomic_path(path, suffix=None):
         os.replace(tmp, path)
     except OSError as exc:
         _remove_quietly(tmp)
-        raise NightstackError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise NightstackError(f"cannot write {path}: {os_reason(exc)}") from exc
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def os_reason(exc: OSError) -> str:
+    """Why a file operation failed, in words; a full disk always reads the same way (astropy
+    reports it without an errno)."""
+    if exc.errno == errno.ENOSPC or "space on disk" in str(exc):
+        return "no space left on device (disk full)"
+    return exc.strerror or str(exc)
 
 
 def _umask() -> int:

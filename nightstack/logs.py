@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import NightstackError
+from .io import os_reason
 
 log = logging.getLogger("nightstack")
 
@@ -17,15 +18,28 @@ def configure(log_path=None, level=logging.INFO) -> logging.Logger:
     log.setLevel(level)
     log.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_path, mode="w", encoding="utf-8")
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
+    # a log line that cannot be written (disk full) must not print a traceback of its own;
+    # the step's own write fails a moment later with one clear line
+    logging.raiseExceptions = False
     sh = logging.StreamHandler(sys.stderr)
     sh.setFormatter(fmt)
     log.addHandler(sh)
+    if log_path:
+        try:
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+        except OSError as exc:
+            log.warning("cannot write the log %s (%s); logging to the terminal only", log_path, exc.strerror or exc)
+        else:
+            fh.setFormatter(fmt)
+            log.addHandler(fh)
     return log
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line for a file-system failure: what, which file, why (disk full, read-only...)."""
+    where = f" {exc.filename}" if exc.filename else ""
+    return f"cannot read or write{where}: {os_reason(exc)}"
 
 
 def run_step(func, *args, log_path=None, **kwargs):
@@ -36,6 +50,9 @@ def run_step(func, *args, log_path=None, **kwargs):
     except NightstackError as exc:
         log.error("%s", exc)
         sys.exit(f"nightstack error: {exc}")
+    except OSError as exc:
+        log.error("%s", os_error_text(exc))
+        sys.exit(f"nightstack error: {os_error_text(exc)}")
 
 
 class Progress:

@@ -162,3 +162,51 @@ def write_stack_fits(path, image, header, coverage=None) -> None:
         cov_hdu.header["BUNIT"] = ("frames", "number of frames covering the pixel")
         extra.append(cov_hdu)
     write_fits_image(path, data, header, extra_hdus=extra)
+
+
+# ---------------------------------------------------------------- light-pollution model
+
+MODEL_MAX_SIDE_PX = 256  # the saved light-pollution model is binned to at most this long side
+
+
+def bin_image(image, max_side_px: int = MODEL_MAX_SIDE_PX):
+    """Block-average (C, H, W) or (H, W) by the smallest integer factor that brings the longer
+    side to at most ``max_side_px``; edge blocks average the pixels they have.
+
+    Returns (binned float32 (C, ceil(H/f), ceil(W/f)) or 2D, factor f).
+    """
+    img = np.asarray(image, dtype=np.float64)
+    if int(max_side_px) < 1:
+        raise NightstackError(f"bin_image: max_side_px must be >= 1, got {max_side_px}")
+    height, width = img.shape[-2:]
+    factor = max(1, -(-max(height, width) // int(max_side_px)))
+    starts_y, starts_x = np.arange(0, height, factor), np.arange(0, width, factor)
+    sums = np.add.reduceat(np.add.reduceat(img, starts_y, axis=-2), starts_x, axis=-1)
+    counts = np.outer(np.diff(np.append(starts_y, height)), np.diff(np.append(starts_x, width)))
+    return (sums / counts).astype(np.float32), factor
+
+
+def write_background_model(path, model, removed: bool, night=None,
+                           max_side_px: int = MODEL_MAX_SIDE_PX) -> None:
+    """Save the stack's light-pollution model (C, H, W) or (H, W), in ADU, binned to at most
+    ``max_side_px`` on the long side (see ``bin_image``), as float32 FITS.
+
+    Cards: BUNIT, BINFACT (stack pixels per model pixel), STACKW/STACKH (stack size, px),
+    BGREMOVD (True if the model was subtracted from stack.fits), NIGHT, CHANNELS ("R,G,B" or "L").
+    """
+    binned, factor = bin_image(model, max_side_px)
+    height, width = np.shape(model)[-2:]
+    hdr = fits.Header()
+    hdr["SOFTWARE"] = ("nightstack", "software that made this model")
+    hdr["NSVER"] = (__version__, "nightstack version")
+    hdr["CONTENT"] = ("light-pollution model", "smooth sky background fitted to the stack")
+    hdr["BUNIT"] = ("adu", "unit of the pixel values")
+    hdr["BINFACT"] = (factor, "stack pixels per model pixel, each axis")
+    hdr["STACKW"] = (int(width), "stack width (px)")
+    hdr["STACKH"] = (int(height), "stack height (px)")
+    hdr["BGREMOVD"] = (bool(removed), "model subtracted from stack.fits")
+    hdr["CHANNELS"] = ("R,G,B" if binned.ndim == 3 and len(binned) == 3 else "L",
+                       "colour channels, in order")
+    if night is not None:
+        hdr["NIGHT"] = (_fits_text(night), "night name")
+    write_fits_image(path, binned, hdr)

@@ -1,8 +1,9 @@
 """Diagnostic plots of a stacked night, one PNG each, for the Snakemake report.
 
 Inputs are the night's artifacts (``solution.json``, ``stars/*.ecsv``, ``poses/*.json``,
-``stack_linear.json``, ``stack.png``) as paths or already-read dicts; every function writes one
-PNG atomically. Pixel positions are 0-based, x = column, y = row.
+``stack_linear.json``, ``stack.png``, ``background_model.fits``) as paths or already-read
+dicts; every function writes one PNG atomically. Pixel positions are 0-based, x = column,
+y = row.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 
 from .camera import Camera, map_ref_to_frame
 from .io import atomic_path, read_catalog, read_json
+from .noise import curve_frame_counts
 from .registration import StarList
 
 ACCEPTED_COLOUR = "#1f77b4"
@@ -311,9 +313,10 @@ def plot_noise_curve(solution_json, catalogs: dict, out_png, stack_info_json=Non
     """How the stack's background noise (ADU, reference flux units) fell as frames were added.
 
     Measured values come from ``stack_linear.json`` ``info.noise_curve`` ({"n_frames": [...],
-    "noise_adu": [...]}) when the stacker wrote one; otherwise the expected curve of a weighted
-    mean is drawn from each frame's ``channel_noise`` (divided by its flux scale) and the stack
-    weights. The title says which.
+    "noise_adu": [...], "stack_noise_adu": noise of the final combined stack}) when the stacker
+    wrote one (nightstack.noise); the expected curve of a weighted mean, from each frame's
+    ``channel_noise`` (divided by its flux scale) and the stack weights, is drawn with it, or
+    alone when nothing was measured. The title says which.
     """
     solution = _as_dict(solution_json)
     info = {}
@@ -331,20 +334,30 @@ def plot_noise_curve(solution_json, catalogs: dict, out_png, stack_info_json=Non
     n = np.arange(1, len(frames) + 1)
     fig, ax = plt.subplots(figsize=(9, 5.5))
     measured = info.get("noise_curve")
+    curve = expected_noise_curve(noise, weights)
+    how = "stack weights" if weighted else "equal weights"
     if measured:
-        ax.plot(measured["n_frames"], measured["noise_adu"], "o-", color=ACCEPTED_COLOUR, label="measured in the stack")
-        title = "Stack noise as frames were added (measured)"
+        ax.plot(n, curve, "-", color="#ff7f0e", lw=1.2, label=f"expected from frame noise and {how}")
+        ax.plot(measured["n_frames"], measured["noise_adu"], "o-", color=ACCEPTED_COLOUR,
+                label="measured: weighted mean of the first N frames")
+        final = measured.get("stack_noise_adu")
+        if final is not None:
+            ax.scatter([measured["n_frames"][-1]], [final], marker="*", s=180, color="k", zorder=5,
+                       label=f"measured: final stack ({info.get('method', 'combined')}), {final:.3g} ADU")
+        gain = measured["noise_adu"][0] / measured["noise_adu"][-1]
+        n_last = measured["n_frames"][-1]
+        title = (f"Stack noise as frames were added (measured): {gain:.2f}x lower with "
+                 f"{n_last} frames than with one (sqrt({n_last}) = {np.sqrt(n_last):.2f})")
     else:
-        curve = expected_noise_curve(noise, weights)
-        how = "stack weights" if weighted else "equal weights"
         ax.plot(n, curve, "o-", color=ACCEPTED_COLOUR, label=f"expected from frame noise and {how}")
         title = "Stack noise as frames were added (expected from per-frame noise, not measured)"
     ax.plot(n, noise[0] / np.sqrt(n), "--", color="0.5", label=r"ideal $\sigma_1/\sqrt{N}$")
     ax.scatter(n, noise, s=14, color="0.6", zorder=1, label="single frame noise")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xticks(n)
-    ax.set_xticklabels([str(v) for v in n])
+    ticks = curve_frame_counts(len(n), max_points=12)  # all N, or a readable log-spaced few
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(v) for v in ticks])
     from matplotlib.ticker import LogFormatter, NullLocator
 
     ax.xaxis.set_minor_locator(NullLocator())
@@ -357,12 +370,102 @@ def plot_noise_curve(solution_json, catalogs: dict, out_png, stack_info_json=Non
     _save(fig, out_png)
 
 
+# --------------------------------------------------------------------------- 5 light pollution
+
+
+def channel_names(n_channels: int) -> tuple[str, ...]:
+    """Display names of a stack's channels: R, G, B for colour, L for mono."""
+    if n_channels == 3:
+        return ("R", "G", "B")
+    return ("L",) if n_channels == 1 else tuple(f"channel {i}" for i in range(n_channels))
+
+
+def light_pollution_summary(model) -> dict:
+    """Sky level and gradient of a light-pollution model (C, h, w) or (h, w), ADU.
+
+    Returns {"sky_adu": (C,) median level, "ptp_adu": (C,) peak-to-peak, "ptp_percent": (C,)
+    peak-to-peak / sky level x 100, and the same three for the mean of the channels under
+    "mean_sky_adu", "mean_ptp_adu", "mean_ptp_percent"}.
+    """
+    m = np.asarray(model, dtype=np.float64)
+    m = m[None] if m.ndim == 2 else m
+    flat = m.reshape(len(m), -1)
+    sky, ptp = np.median(flat, axis=1), np.ptp(flat, axis=1)
+    mean = flat.mean(axis=0)
+    mean_sky, mean_ptp = float(np.median(mean)), float(np.ptp(mean))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        percent = np.where(sky > 0, 100.0 * ptp / sky, np.nan)
+    return {"sky_adu": sky, "ptp_adu": ptp, "ptp_percent": percent, "mean_sky_adu": mean_sky,
+            "mean_ptp_adu": mean_ptp,
+            "mean_ptp_percent": 100.0 * mean_ptp / mean_sky if mean_sky > 0 else float("nan")}
+
+
+def _model_image(ax, fig, data, extent, title: str, cmap: str, label: str, limits=None) -> None:
+    """One panel: an image of a (binned) model on stack pixel axes, with its colorbar."""
+    vmin, vmax = limits if limits is not None else (None, None)
+    im = ax.imshow(data, cmap=cmap, extent=extent, vmin=vmin, vmax=vmax, interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.85, label=label)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("x (px)")
+    ax.set_ylabel("y (px)")
+
+
+def plot_light_pollution(model_fits, out_png, hdu=0, subject: str | None = None) -> None:
+    """The light-pollution model fitted to the stack (``background_model.fits``), per channel.
+
+    Top row: each channel's model (ADU) with its sky level and peak-to-peak gradient. Colour
+    stacks get a second row: the gradient of the channel mean, and the R - G and B - G
+    differences of the gradients (each channel minus its median level), where a coloured glow
+    (sodium lamps, moonlight) shows as a tint. The title gives the peak-to-peak gradient of the
+    channel mean in ADU and in % of the sky level.
+    """
+    from astropy.io import fits
+
+    with fits.open(model_fits) as hdul:
+        data, header = np.asarray(hdul[hdu].data, dtype=np.float64), hdul[hdu].header.copy()
+    model = data
+    model = model[None] if model.ndim == 2 else model
+    width = int(header.get("STACKW", model.shape[-1]))
+    height = int(header.get("STACKH", model.shape[-2]))
+    extent = (-0.5, width - 0.5, height - 0.5, -0.5)
+    s = light_pollution_summary(model)
+    names = channel_names(len(model))
+    colour = len(model) == 3
+    n_cols = len(model)
+    panel_w = 4.6 if n_cols > 1 else 8.0
+    fig, axes = plt.subplots(2 if colour else 1, n_cols, squeeze=False, layout="constrained",
+                             figsize=(panel_w * n_cols, (2 if colour else 1) * panel_w * height / width + 1.2))
+    for ax, name, channel, sky, ptp, pct in zip(axes[0], names, model, s["sky_adu"], s["ptp_adu"],
+                                                 s["ptp_percent"]):
+        _model_image(ax, fig, channel, extent, f"{name}: sky {sky:.4g} ADU, peak-to-peak "
+                     f"{ptp:.3g} ADU ({pct:.2g} %)", "magma", "model (ADU)")
+    if colour:
+        gradient = model - s["sky_adu"][:, None, None]
+        _model_image(axes[1, 0], fig, gradient.mean(axis=0), extent,
+                     "gradient of the channel mean (model - sky level)", "magma", "ADU")
+        tint = [gradient[0] - gradient[1], gradient[2] - gradient[1]]
+        reach = max(float(np.max(np.abs(tint))), 1e-6)
+        for ax, diff, label in zip(axes[1, 1:], tint, ("R - G", "B - G")):
+            _model_image(ax, fig, diff, extent, f"tint: {label} of the gradients (ADU)", "RdBu_r",
+                         f"{label} (ADU)", limits=(-reach, reach))
+    removed = bool(header.get("BGREMOVD", True))
+    verb = "removed from the stack" if removed else "found in the stack (not removed: after_stack is off)"
+    verb = subject or verb
+    fig.suptitle(f"Light-pollution model {verb}: peak-to-peak {s['mean_ptp_adu']:.3g} ADU, "
+                 f"{s['mean_ptp_percent']:.2g} % of the sky level ({s['mean_sky_adu']:.4g} ADU)")
+    _save(fig, out_png)
+
+
 # --------------------------------------------------------------------------- all of a night
 
 
 def write_night_plots(solution_json, catalogs: dict, poses: dict, out: dict, min_snr: float = 0.0,
-                      stack_info_json=None, stack_png=None) -> None:
-    """All four plots of a night; ``out`` maps "quality", "matches", "residuals", "noise" -> PNG path.
+                      stack_info_json=None, stack_png=None, background_model=None,
+                      calibrated: dict | None = None) -> None:
+    """All plots of a night; ``out`` maps "quality", "matches", "residuals", "noise" and, with a
+    ``background_model`` FITS, "pollution" -> PNG path. The light-pollution plot shows the
+    reference frame's own model when ``calibrated`` (frame id -> calibrated FITS) has it (the
+    night's real glow), else the model left in the stack.
 
     ``catalogs`` and ``poses`` map frame id -> path; ``min_snr`` is the registration's star cut.
     The match plot shows the last accepted frame in time (most drift from the reference), the
@@ -376,3 +479,23 @@ def write_night_plots(solution_json, catalogs: dict, poses: dict, out: dict, min
     worst = worst_accepted_frame(solution) or ref
     plot_residual_field(solution, worst, catalogs[worst], catalogs[ref], poses[worst], out["residuals"], min_snr)
     plot_noise_curve(solution, catalogs, out["noise"], stack_info_json)
+    if "pollution" not in out:
+        return
+    frame_model = _frame_light_pollution(calibrated or {}, ref)
+    if frame_model is not None:
+        plot_light_pollution(frame_model, out["pollution"], hdu="LPMODEL",
+                             subject=f"of the reference frame {solution.get('reference_file') or ref}, "
+                             "removed before star detection")
+    elif background_model is not None:
+        plot_light_pollution(background_model, out["pollution"])
+
+
+def _frame_light_pollution(calibrated: dict, frame: str):
+    """Path of ``frame``'s calibrated FITS if it carries its light-pollution model, else None."""
+    from astropy.io import fits
+
+    path = calibrated.get(frame)
+    if not path or not Path(path).is_file():
+        return None
+    with fits.open(path) as hdul:
+        return path if "LPMODEL" in hdul else None

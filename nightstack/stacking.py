@@ -41,6 +41,7 @@ from .camera import Camera, map_ref_to_frame
 from .errors import FrameError, NightstackError
 from .settings import settings_from_dict
 from .io import open_fits_data
+from .noise import curve_frame_counts, growing_mean_noise, pool_region_noise, probe_boxes
 
 log = logging.getLogger("nightstack")
 
@@ -70,7 +71,8 @@ class FrameWarp:
     ``rotation`` (3x3) turns reference-camera directions into this frame's camera directions
     (see nightstack.camera.map_ref_to_frame). Normalised value per channel c:
     ``(v - offset[c]) / scale[c] + target_level[c]``. ``weight`` is 1/variance after
-    normalisation, used when weighting is "noise".
+    normalisation, used when weighting is "noise". ``date_obs`` (ISO time or None) orders the
+    frames of the measured noise curve.
     """
 
     path: str
@@ -81,6 +83,7 @@ class FrameWarp:
     scale: np.ndarray
     target_level: np.ndarray
     weight: float = 1.0
+    date_obs: str | None = None
 
 
 @dataclass
@@ -643,6 +646,37 @@ def _fallback_note(cfg: StackConfig, coverage: np.ndarray, n_frames: int) -> str
     return None
 
 
+def time_order(warps: list[FrameWarp]) -> np.ndarray:
+    """Frame indices sorted by DATE-OBS; frames without one keep their place, last."""
+    return np.array(sorted(range(len(warps)), key=lambda i: (
+        warps[i].date_obs is None, warps[i].date_obs or "")), dtype=int)
+
+
+def _probe_noise(stack, combined, origin, box, warps, weights):
+    """Noise curve of one probe region: growing_mean_noise on the box (y0, y1, x0, x1,
+    absolute px) of a tile whose top-left pixel is ``origin`` (y0, x0)."""
+    by0, by1 = box[0] - origin[0], box[1] - origin[0]
+    bx0, bx1 = box[2] - origin[1], box[3] - origin[1]
+    return growing_mean_noise(stack[:, :, by0:by1, bx0:bx1], time_order(warps),
+                              curve_frame_counts(len(warps)), weights,
+                              combined=combined[:, by0:by1, bx0:bx1])
+
+
+def _noise_curve_info(pooled, n_frames: int, probes: dict) -> dict | None:
+    """The stack info's ``noise_curve`` entry (None when no probe region could be measured)."""
+    if pooled is None:
+        return None
+    return {
+        "n_frames": [int(k) for k in curve_frame_counts(n_frames)],
+        "noise_adu": [float(v) for v in pooled["noise_adu"]],
+        "stack_noise_adu": pooled["stack_noise_adu"],
+        "n_sky_px": pooled["n_sky_px"],
+        "regions": [list(box) for box in probes.values()],
+        "measure": "robust sigma of star-masked sky, large-scale background removed, of the "
+                   "weighted mean of the first n frames in DATE-OBS order (RMS over channels)",
+    }
+
+
 def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = None,
                  progress=None):
     """Warp all frames onto the reference grid and combine them, tile by tile.
@@ -651,7 +685,9 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
     progress: optional callable, called with 1 after each tile (nightstack.logs.Progress).
     Returns (image (C, H, W) float32, 0 where no frame covers; coverage (H, W) int16 = number
     of frames covering each pixel; info dict with the tile plan, rejected-pixel fraction per
-    frame, skipped frames and notes).
+    frame, skipped frames, notes and ``noise_curve``: the background noise (ADU) of the
+    weighted mean of the first n frames in time order, measured on the tiles' own warped
+    values in the central region (nightstack.noise), None if that region has no sky).
     """
     cfg = cfg or StackConfig()
     validate_stack_config(cfg)
@@ -676,6 +712,8 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
     rejected_count = np.zeros(n_frames, dtype=np.int64)
     valid_count = np.zeros(n_frames, dtype=np.int64)
     buffer = np.empty(n_frames * n_channels * plan.tile_h * plan.tile_w, dtype=np.float32)
+    probes = probe_boxes(tile_bounds(plan, height, width), height, width)
+    probe_noise = []
     for y0, y1, x0, x1 in tile_bounds(plan, height, width):
         stack = buffer[: n_frames * n_channels * (y1 - y0) * (x1 - x0)].reshape(
             n_frames, n_channels, y1 - y0, x1 - x0)
@@ -688,6 +726,9 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
         combined, _, rejected = combine_with_rejection(stack, cfg, weights)
         rejected_count += rejected.reshape(n_frames, -1).sum(axis=1)
         image[:, y0:y1, x0:x1] = np.nan_to_num(combined, nan=0.0)
+        if (y0, y1, x0, x1) in probes:
+            probe_noise.append(_probe_noise(stack, combined, (y0, x0), probes[(y0, y1, x0, x1)],
+                                            warps, weights))
         if progress is not None:
             progress(1)
 
@@ -714,5 +755,6 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
         "weights": None if weights is None else {w.path: float(w.weight) for w in warps},
         "skipped_frames": skipped,
         "notes": notes,
+        "noise_curve": _noise_curve_info(pool_region_noise(probe_noise), n_frames, probes),
     }
     return image, coverage, info

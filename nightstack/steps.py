@@ -8,6 +8,7 @@ A frame that cannot be used is never an exception here: its artifact records
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -42,6 +43,7 @@ from .registration import (
 from .stars import detect_stars_presmoothed, star_config_from_dict
 
 SOFTWARE = f"nightstack {__version__}"
+LP_MODEL_HDU = "LPMODEL"
 
 
 # --------------------------------------------------------------------------- masters
@@ -61,6 +63,7 @@ def master_step(kind: str, paths, output, params: dict, bias=None, dark=None) ->
     if not frames:
         reasons = "; ".join(str(e) for e in skipped) or "no files"
         raise NightstackError(f"no usable {kind} frame ({reasons})")
+    frames = _majority_geometry(frames, kind)
     bias_m = master_from_fits(bias) if bias else None
     dark_m = master_from_fits(dark) if dark else None
     master = make_master(frames, kind, bias=bias_m, dark=dark_m)
@@ -68,7 +71,37 @@ def master_step(kind: str, paths, output, params: dict, bias=None, dark=None) ->
     log.info("master %s from %d frames written to %s", kind, master.n_frames, output)
 
 
+def _majority_geometry(frames: list, kind: str) -> list:
+    """The frames sharing the most common size and CFA pattern; the others are dropped with a
+    warning naming each (a stray frame from another camera must not stop the master)."""
+    def geometry(frame):
+        return tuple(frame.data.shape), frame.cfa_pattern
+
+    counts = Counter(geometry(f) for f in frames)
+    (shape, pattern), _ = counts.most_common(1)[0]
+    kept = [f for f in frames if geometry(f) == (shape, pattern)]
+    size = "x".join(str(v) for v in shape[::-1])
+    for frame in frames:
+        if geometry(frame) != (shape, pattern):
+            other = "x".join(str(v) for v in frame.data.shape[::-1])
+            log.warning(
+                "skipping %s frame %s: %s px, CFA %s, but the other %d %s frames are %s px, CFA %s",
+                kind, Path(frame.source).name, other, frame.cfa_pattern or "none", len(kept), kind,
+                size, pattern or "none",
+            )
+    return kept
+
+
 # --------------------------------------------------------------------------- calibrate
+
+
+def file_sha256(path, chunk_bytes: int = 8 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (duplicate frames are found by it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def rejected_header(source: str, reason: str):
@@ -108,6 +141,7 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
     header = {
         "NSSTATUS": "ok",
         "SOURCE": header_text(source),
+        "NSSHA256": file_sha256(light),
         "SOFTWARE": SOFTWARE,
         "BUNIT": "ADU",
     }
@@ -125,9 +159,11 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
         value = cal.meta.get(key)
         if value is not None and value != "":
             header[card] = header_text(value) if isinstance(value, str) else value
+    extra = []
     if background_params.get("before_stars", True):
-        data, _ = remove_background(data, background_config_from_dict(_bg_only(background_params)))
+        data, model = remove_background(data, background_config_from_dict(_bg_only(background_params)))
         cal.notes.append("light-pollution gradient removed")
+        extra.append(light_pollution_hdu(model))
     from astropy.io import fits
 
     hdr = fits.Header()
@@ -135,8 +171,25 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
         hdr[k] = v
     for note in cal.notes:
         hdr.add_history(note)
-    write_fits_image(output, data, hdr)
+    write_fits_image(output, data, hdr, extra_hdus=extra)
     log.info("calibrated %s: %s", source, "; ".join(cal.notes) or "no calibration frames")
+
+
+def light_pollution_hdu(model):
+    """The frame's light-pollution model (ADU), binned small, as the LPMODEL extension: the
+    report shows the night's real glow from it (the stack's own model is only what is left)."""
+    from astropy.io import fits
+
+    from .outputs import bin_image
+
+    binned, factor = bin_image(model)
+    hdu = fits.ImageHDU(binned, name=LP_MODEL_HDU)
+    hdu.header["BUNIT"] = "adu"
+    hdu.header["BINFACT"] = (factor, "frame pixels per model pixel, each axis")
+    hdu.header["STACKW"] = (int(model.shape[-1]), "frame width (px)")
+    hdu.header["STACKH"] = (int(model.shape[-2]), "frame height (px)")
+    hdu.header["BGREMOVD"] = (True, "model subtracted before star detection")
+    return hdu
 
 
 def _bg_only(params: dict) -> dict:
@@ -180,6 +233,8 @@ def stars_step(calibrated, output, star_params: dict) -> None:
         date_obs=header_text_decoded(header["DATE-OBS"]) if "DATE-OBS" in header else None,
         focal_mm=header.get("FOCALLEN"),
         pixel_um=header.get("XPIXSZ"),
+        instrument=header_text_decoded(header["INSTRUME"]) if "INSTRUME" in header else None,
+        sha256=header.get("NSSHA256"),
         channel_background=[float(v) for v in bg],
         channel_noise=[float(v) for v in noise],
     )
@@ -290,6 +345,26 @@ def _num(x):
     return None if x is None or not np.isfinite(x) else float(x)
 
 
+def other_camera(meta: dict, ref_meta: dict) -> str:
+    """Why a frame from another camera than the reference's is rejected ('' if the same or
+    unknown): one night is one camera, other cameras' frames belong in their own night."""
+    mine, theirs = meta.get("instrument"), ref_meta.get("instrument")
+    if not mine or not theirs or mine.strip() == theirs.strip():
+        return ""
+    return (f"taken with camera '{mine.strip()}' but the reference with '{theirs.strip()}' "
+            "(one camera per night: put this camera's frames in a night of their own)")
+
+
+def size_mismatch(meta: dict, ref_cam: Camera) -> str:
+    """Why a frame of another size or orientation than the reference is rejected."""
+    size = (meta["width_px"], meta["height_px"])
+    text = f"frame is {size[0]}x{size[1]} px but the reference is {ref_cam.width_px}x{ref_cam.height_px} px"
+    if size == (ref_cam.height_px, ref_cam.width_px):
+        shape = "portrait" if size[1] > size[0] else "landscape"
+        text += f" (a {shape} frame: the camera was turned by a quarter turn)"
+    return text
+
+
 def pose_step(frame: str, catalog, reference_json, output, reg_params: dict) -> None:
     """Register one frame's stars on the reference's; write the pose JSON."""
     ref_info = read_json(reference_json)
@@ -301,10 +376,10 @@ def pose_step(frame: str, catalog, reference_json, output, reg_params: dict) -> 
     cfg = registration_config(reg_params)
     if meta.get("status") != "ok":
         pose = Pose(status="rejected", reason=meta.get("reason", "rejected"))
+    elif other_camera(meta, ref_table.meta):
+        pose = Pose(status="rejected", reason=other_camera(meta, ref_table.meta))
     elif (meta["width_px"], meta["height_px"]) != (ref_cam.width_px, ref_cam.height_px):
-        pose = Pose(status="rejected", reason=(
-            f"frame is {meta['width_px']}x{meta['height_px']} px but the reference is "
-            f"{ref_cam.width_px}x{ref_cam.height_px} px"))
+        pose = Pose(status="rejected", reason=size_mismatch(meta, ref_cam))
     elif frame == ref_info["frame"]:
         n_ref = len(StarList.from_table(table, min_snr=cfg.min_snr).xy)
         pose = Pose(status="accepted", n_pairs=n_ref, rms_px=0.0,
@@ -370,6 +445,7 @@ def solve_step(night: str, frames: list, catalogs: dict, poses: dict, reference_
                    n_stars=len(tables[f]), fwhm_px=_num(meta.get("fwhm_px_median")),
                    reference=(f == ref_id))
         frame_records.append(rec)
+    _reject_duplicates(frame_records, tables)
     _judge_quality(frame_records, tables, quality_params)
     accepted = [r for r in frame_records if r["status"] == "accepted"]
     for r in frame_records:
@@ -386,6 +462,26 @@ def solve_step(night: str, frames: list, catalogs: dict, poses: dict, reference_
         "frames": frame_records,
     })
     log.info("night %s: %d of %d frames accepted", night, len(accepted), len(frames))
+
+
+def _reject_duplicates(records: list, tables: dict) -> None:
+    """Reject every copy of a file already in the night (same SHA-256) but one: the reference
+    if it is among them, else the shortest file name (``x (copy).fits`` is the copy of
+    ``x.fits``). A duplicate would count one exposure twice."""
+    first_by_digest = {}
+    ordered = sorted(records, key=lambda r: (not r.get("reference"), len(r["file"]), r["file"]))
+    for rec in ordered:
+        digest = tables[rec["frame"]].meta.get("sha256")
+        if not digest:
+            continue
+        if digest not in first_by_digest:
+            first_by_digest[digest] = rec
+            continue
+        if rec["status"] == "accepted":
+            original = first_by_digest[digest]["file"]
+            rec.update(status="rejected", reason=f"duplicate of {original} (identical file content)")
+            for key in ("H", "rotation", "rotvec", "zoom", "focal_px", "flux_scale"):
+                rec.pop(key, None)
 
 
 def _judge_quality(records: list, tables: dict, quality_params) -> None:
@@ -464,6 +560,7 @@ def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, outp
             scale=np.full(len(target), scale),
             target_level=target,
             weight=frame_weight(noise, meta.get("fwhm_px_median"), stack_params.get("weighting", "none")),
+            date_obs=rec.get("date_obs"),
         ))
         used.append(rec)
     cfg = stack_config_from_dict(stack_params)
@@ -485,11 +582,24 @@ def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, outp
     log.info("night %s: stacked %d frames (%s)", night, len(used), info)
 
 
-def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: dict, output_params: dict) -> None:
-    """Final gradient removal, then stack.fits (float32 + provenance), 16-bit TIFF, PNG preview."""
+def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: dict, output_params: dict,
+                 out_model=None) -> None:
+    """Final gradient removal, then stack.fits (float32 + provenance), 16-bit TIFF, PNG preview.
+
+    out_model: optional path of the light-pollution model (FITS, ADU, binned to <= 256 px on the
+    long side; see outputs.write_background_model). It is fitted even when ``after_stack`` is
+    off (then it is only shown, not subtracted).
+    """
     from astropy.io import fits
 
-    from .outputs import frame_names_from_header, stack_header, write_preview_png, write_stack_fits, write_tiff16
+    from .outputs import (
+        frame_names_from_header,
+        stack_header,
+        write_background_model,
+        write_preview_png,
+        write_stack_fits,
+        write_tiff16,
+    )
 
     with fits.open(stack_linear) as hdul:
         image = np.asarray(hdul[0].data, dtype=np.float32)
@@ -498,11 +608,15 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
     frames = frame_names_from_header(header)
     text = {k: header_text_decoded(header[k]) if k in header else None
             for k in ("DATE-BEG", "DATE-END", "STACKMTH", "NIGHT", "REFFRAME")}
-    if background_params.get("after_stack", True):
+    remove = background_params.get("after_stack", True)
+    if remove or out_model:
         valid = np.isfinite(image)
         filled = np.where(valid, image, np.nanmedian(image))
-        image, _ = remove_background(filled, background_config_from_dict(_bg_only(background_params)))
-        image = np.where(valid, image, np.nan).astype(np.float32)
+        corrected, model = remove_background(filled, background_config_from_dict(_bg_only(background_params)))
+        if remove:
+            image = np.where(valid, corrected, np.nan).astype(np.float32)
+        if out_model:
+            write_background_model(out_model, model, removed=remove, night=text["NIGHT"])
     meta = {
         "software_version": SOFTWARE,
         "n_frames": int(header.get("NCOMBINE", len(frames))),

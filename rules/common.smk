@@ -2,6 +2,7 @@ import re
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 from nightstack import config as ns_config
 from nightstack import demo as ns_demo
@@ -21,8 +22,15 @@ def _load_nights():
             found = ns_config.inventory(folder)
         if not found["light"]:
             raise NightstackError(f"night '{name}' ({folder}) holds no light frames")
+        ignored = ns_config.ignored_files(folder) if folder.exists() else []
+        if ignored:
+            names = ", ".join(p.name for p in ignored)
+            logger.warning(
+                f"night '{name}': ignoring files nightstack does not read: {names}"
+            )
         frames[name] = ns_config.frame_ids(found["light"])
         calib[name] = {k: found[k] for k in ns_config.CALIBRATION_KINDS}
+    ns_config.check_results_writable(config.get("results", "results"))
     return nights, frames, calib
 
 
@@ -154,5 +162,11 @@ def report_plots():
     registration to show)."""
     if config.get("mode", "deep") == "trails":
         return []
-    names = ("frame_quality", "star_matches", "residual_field", "noise_curve")
+    names = (
+        "frame_quality",
+        "star_matches",
+        "residual_field",
+        "noise_curve",
+        "light_pollution",
+    )
     return [f"{night_dir(n)}/plots/{name}.png" for n in NIGHTS for name in names]

@@ -5,6 +5,8 @@ rule plots:
         poses=poses_of,
         info=f"{RESULTS}/{{night}}/stack_linear.json",
         png=f"{RESULTS}/{{night}}/stack.png",
+        model=f"{RESULTS}/{{night}}/background_model.fits",
+        calibrated=calibrated_of,
     output:
         quality=report(
             f"{RESULTS}/{{night}}/plots/frame_quality.png",
@@ -27,6 +29,12 @@ rule plots:
         noise=report(
             f"{RESULTS}/{{night}}/plots/noise_curve.png",
             caption="../report/noise_curve.rst",
+            category="{night}",
+            subcategory="Stack",
+        ),
+        pollution=report(
+            f"{RESULTS}/{{night}}/plots/light_pollution.png",
+            caption="../report/light_pollution.rst",
             category="{night}",
             subcategory="Stack",
         ),

@@ -52,6 +52,7 @@ rule outputs:
             category="{night}",
             subcategory="Stack",
         ),
+        model=f"{RESULTS}/{{night}}/background_model.fits",
     log:
         f"{RESULTS}/{{night}}/logs/outputs.log",
     conda:

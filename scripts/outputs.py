@@ -1,4 +1,4 @@
-"""Snakemake adapter: write stack.fits, stack.tif and stack.png."""
+"""Snakemake adapter: write stack.fits, stack.tif, stack.png and the light-pollution model."""
 
 from nightstack.logs import run_step
 from nightstack.steps import outputs_step
@@ -11,5 +11,6 @@ run_step(
     snakemake.output.png,
     snakemake.params.background,
     snakemake.params.output,
+    out_model=snakemake.output.model,
     log_path=snakemake.log[0],
 )

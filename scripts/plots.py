@@ -9,9 +9,11 @@ run_step(
     snakemake.input.solution,
     dict(zip(frames, snakemake.input.catalogs)),
     dict(zip(frames, snakemake.input.poses)),
-    {k: snakemake.output[k] for k in ("quality", "matches", "residuals", "noise")},
+    {k: snakemake.output[k] for k in ("quality", "matches", "residuals", "noise", "pollution")},
     float(snakemake.params.registration.get("min_snr", 0.0)),
     stack_info_json=snakemake.input.info,
     stack_png=snakemake.input.png,
+    background_model=snakemake.input.model,
+    calibrated=dict(zip(frames, snakemake.input.calibrated)),
     log_path=snakemake.log[0],
 )

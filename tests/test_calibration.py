@@ -461,3 +461,48 @@ def test_calibrate_rejects_mismatched_masters():
     flat = Master("flat", np.ones((1920, 1080), np.float32), "RGGB", 1.0, 5, None)
     with pytest.raises(FrameError, match="master flat has CFA pattern RGGB but this frame has GRB"):
         calibrate(light, None, None, flat, {})
+
+
+# --------------------------------------------------------------------------- dark temperature
+
+
+def _warm_dark_case(rng, scale, n_hot=300, shape=(200, 260)):
+    """(bias-subtracted light, dark current) sharing n_hot hot pixels; light = scale x dark
+    on them, over a sky with stars so only the shared hot pixels can tell the scale."""
+    ys = rng.integers(2, shape[0] - 2, n_hot)
+    xs = rng.integers(2, shape[1] - 2, n_hot)
+    current = np.abs(rng.normal(2.0, 0.5, shape)).astype(np.float32)
+    current[ys, xs] += rng.uniform(500, 5000, n_hot)
+    stars = np.column_stack([rng.uniform(5, shape[1] - 5, 40), rng.uniform(5, shape[0] - 5, 40),
+                             rng.uniform(2e3, 4e4, 40)])
+    light = star_field(shape[0], shape[1], stars, 2.5, rng) + rng.normal(300, 8, shape)
+    light = (light + scale * current).astype(np.float32)
+    return light, current
+
+
+@pytest.mark.parametrize("scale", [0.08, 0.5, 2.0])
+def test_dark_scale_from_hot_pixels_recovers_the_scale(scale):
+    light, current = _warm_dark_case(np.random.default_rng(4), scale)
+    assert cal.dark_scale_from_hot_pixels(light, current, "RGGB") == pytest.approx(scale, rel=0.05)
+
+
+def test_dark_scale_needs_hot_pixels():
+    rng = np.random.default_rng(2)
+    light, current = _warm_dark_case(rng, 1.0, n_hot=5)
+    assert cal.dark_scale_from_hot_pixels(light, current, "RGGB") is None
+
+
+def test_calibrate_scales_a_dark_of_another_temperature():
+    rng = np.random.default_rng(8)
+    light, current = _warm_dark_case(rng, 0.1)
+    bias = cal.Master("bias", np.full(light.shape, 100, np.float32), "RGGB", 0.0, 10, None)
+    dark = cal.Master("dark", (current / 1.0 + 100).astype(np.float32), "RGGB", 60.0, 10, 20.0)
+    raw = frame_of(light + 100, exptime_s=30.0, temp=-5.0)
+    out = calibrate(raw, bias, dark, None, {"repair_outliers": False})
+    note = next(n for n in out.notes if "degC" in n)
+    assert note.startswith("dark taken at 20 degC but this frame at -5 degC: dark current scaled x0.1")
+    assert "exposure ratio alone: x0.5" in note
+    # within tolerance the exposure ratio is used and nothing is said about temperature
+    raw_same = frame_of(light + 100, exptime_s=30.0, temp=19.0)
+    notes = calibrate(raw_same, bias, dark, None, {"repair_outliers": False}).notes
+    assert not any("degC" in n for n in notes) and any("dark scaled x0.5" in n for n in notes)

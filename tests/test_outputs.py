@@ -8,8 +8,10 @@ from PIL import Image
 
 from nightstack.errors import NightstackError
 from nightstack.outputs import (
+    bin_image,
     frame_names_from_header,
     stack_header,
+    write_background_model,
     write_preview_png,
     write_stack_fits,
     write_tiff16,
@@ -204,3 +206,31 @@ def test_stack_fits_coverage_extension(tmp_path):
         write_stack_fits(path, img, {}, coverage=np.zeros((5, 5)))
     with pytest.raises(NightstackError):
         write_stack_fits(path, np.zeros(5), {})
+
+
+# ---------------------------------------------------------------- light-pollution model
+
+
+def test_bin_image_averages_blocks_including_the_edges():
+    img = np.arange(3 * 10 * 7, dtype=float).reshape(3, 10, 7)
+    binned, factor = bin_image(img, max_side_px=4)
+    assert factor == 3 and binned.shape == (3, 4, 3)
+    assert binned[1, 0, 0] == pytest.approx(img[1, :3, :3].mean())
+    assert binned[2, 3, 2] == pytest.approx(img[2, 9:, 6:].mean())  # partial corner block
+    same, one = bin_image(img[0], max_side_px=10)
+    assert one == 1 and np.array_equal(same, img[0])
+
+
+def test_background_model_file_is_small_and_keeps_the_gradient(tmp_path):
+    yy, xx = np.mgrid[0:1066, 0:1600]
+    model = np.stack([400 + 0.02 * xx + 0.01 * yy, 450 + 0.01 * xx, 330 - 0.005 * yy])
+    path = tmp_path / "background_model.fits"
+    write_background_model(path, model, removed=False, night="demo")
+    with fits.open(path) as hdul:
+        data, hdr = hdul[0].data, hdul[0].header
+    assert data.shape == (3, 153, 229) and max(data.shape[1:]) <= 256
+    assert hdr["BINFACT"] == 7 and (hdr["STACKW"], hdr["STACKH"]) == (1600, 1066)
+    assert hdr["BGREMOVD"] is False and hdr["CHANNELS"] == "R,G,B" and hdr["BUNIT"] == "adu"
+    # a linear gradient survives block averaging: the first block is centred on pixel (3, 3)
+    assert data[0, 0, 0] == pytest.approx(400 + 0.02 * 3 + 0.01 * 3, abs=1e-3)
+    assert np.ptp(data[1]) == pytest.approx(0.01 * (1600 - 1 - 4), rel=0.01)

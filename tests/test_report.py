@@ -7,6 +7,7 @@ import base64
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +15,12 @@ from PIL import Image
 from workflow_helpers import snakemake, write_config
 
 from nightstack import plots
-from nightstack.io import read_json
+from nightstack.io import read_catalog, read_json
 
 pytestmark = pytest.mark.workflow
 
 CHROMIUM = "/usr/bin/chromium"
-PLOTS = ("frame_quality", "star_matches", "residual_field", "noise_curve")
+PLOTS = ("frame_quality", "star_matches", "residual_field", "noise_curve", "light_pollution")
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,47 @@ def test_noise_curve_expectation():
     assert np.allclose(plots.expected_noise_curve([4.0] * 4, [1] * 4), 4.0 / np.sqrt([1, 2, 3, 4]))
     curve = plots.expected_noise_curve([4.0, 4.0, 4.0], [1.0, 1.0, 1e-9])
     assert curve[2] == pytest.approx(curve[1], rel=1e-6)
+
+
+def test_noise_curve_is_measured_in_the_stack(report_run):
+    night = report_run / "results" / "demo"
+    sol = read_json(night / "solution.json")
+    info = read_json(night / "stack_linear.json")["info"]
+    curve = info["noise_curve"]
+    n_used = sum(r["status"] == "accepted" for r in sol["frames"])
+    assert curve["n_frames"] == list(range(1, n_used + 1))
+    noise = np.array(curve["noise_adu"])
+    assert noise[-1] < 0.6 * noise[0]  # 6 frames: ideally 1/sqrt(6) = 0.41
+    # close to the expectation from each frame's own noise and weight
+    used = [r for r in plots.frames_by_time(sol) if r["status"] == "accepted"]
+    catalogs = [read_catalog(night / "stars" / f"{r['frame']}.ecsv") for r in used]
+    frame_noise = [np.sqrt(np.mean(np.square(c.meta["channel_noise"]))) / (r.get("flux_scale") or 1.0)
+                   for c, r in zip(catalogs, used)]
+    by_frame = {Path(p).stem: w for p, w in (info["weights"] or {}).items()}
+    weights = [by_frame[r["frame"]] for r in used] if by_frame else [1.0] * n_used
+    expected = plots.expected_noise_curve(frame_noise, weights)
+    assert noise[-1] == pytest.approx(expected[-1], rel=0.15)
+    assert curve["stack_noise_adu"] == pytest.approx(noise[-1], rel=0.15)
+
+
+def test_light_pollution_summary_and_plot(tmp_path):
+    from nightstack.outputs import write_background_model
+
+    yy, xx = np.mgrid[0:300, 0:400]
+    model = np.stack([500 + 0.1 * xx, 400 + 0.05 * yy, 300 + 0.0 * xx])  # R brightens to the right
+    s = plots.light_pollution_summary(model)
+    np.testing.assert_allclose(s["sky_adu"], [500 + 0.1 * 199.5, 400 + 0.05 * 149.5, 300], rtol=1e-3)
+    np.testing.assert_allclose(s["ptp_adu"], [0.1 * 399, 0.05 * 299, 0.0], rtol=1e-6)
+    assert s["ptp_percent"][0] == pytest.approx(100 * 39.9 / 519.95, rel=1e-3)
+    path = tmp_path / "background_model.fits"
+    write_background_model(path, model, removed=True)
+    out = tmp_path / "light_pollution.png"
+    plots.plot_light_pollution(path, out)
+    with Image.open(out) as im:
+        rgb = np.asarray(im.convert("RGB"), int)
+    assert im.size[0] >= 600 and rgb.std() > 10
+    red = (rgb[..., 0] > 150) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)
+    assert red.sum() > 500  # the R - G tint panel is red where R is brighter
 
 
 def test_chromium_listed_for_ci():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,12 @@ FAULTS = {
     "other_size": "other_size.fits",
     "no_stars": "no_stars.fits",
     "dangling_link": "dangling_link.fits",
+    "truncated_raw": "truncated_raw.KDC",
+    "table_only": "table_only.fits",
 }
+KODAK = "raw_kodak_dc50"
+KODAK_RAW = "RAW_KODAK_DC50.KDC"
+TRUNCATED_RAW_BYTES = 40_000
 IGNORED = ("notes.txt", "frame_copy.xisf", "sidecar.fits.xmp")
 FOLDER_NAMED_LIKE_A_FRAME = "Light_0000.fits"
 
@@ -118,6 +124,10 @@ def faulty_run(tmp_path_factory):
     (lights / FAULTS["text_raw"]).write_text("this is not a Canon raw file\n" * 20)
     write_cropped(source / ALS_FRAMES[1], lights / FAULTS["other_size"])
     write_starless(third, lights / FAULTS["no_stars"])
+    write_truncated(shared_dataset(KODAK) / KODAK_RAW, lights / FAULTS["truncated_raw"], TRUNCATED_RAW_BYTES)
+    # a FITS file nightstack cannot use: a table and no image
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(
+        [fits.Column(name="flux", format="E", array=np.arange(3.0))])]).writeto(lights / FAULTS["table_only"])
     # root reads any file whatever its permissions, so "unreadable" is a link to nothing
     os.symlink(lights / "gone" / "Light_9999.fits", lights / FAULTS["dangling_link"])
     # a folder named like a frame must not stop the night (ignored or rejected, never stacked)
@@ -175,6 +185,9 @@ def test_unknown_suffixes_are_ignored(faulty_run):
     expected = {f"{g}.fits" for g in GOOD_IDS} | set(FAULTS.values()) | {FOLDER_NAMED_LIKE_A_FRAME}
     assert files <= expected, files
     assert read_json(faulty_run["results"] / "solution.json")["n_frames"] == len(frames)
+    # and the user is told which files were left out
+    told = "night 'faulty': ignoring files nightstack does not read: " + ", ".join(sorted(IGNORED))
+    assert told in faulty_run["proc"].stdout + faulty_run["proc"].stderr
 
 
 def _calibrate_log(run, frame_id) -> str:
@@ -188,6 +201,8 @@ def _calibrate_log(run, frame_id) -> str:
         ("empty", ("empty", "0 bytes")),
         ("text_raw", ("raw",)),
         ("dangling_link", ("not found",)),
+        ("truncated_raw", ("truncated or corrupt camera raw",)),
+        ("table_only", ("no 2d or 3d image",)),
     ],
 )
 def test_unreadable_frame_rejected_at_calibration(faulty_run, frame_id, words):
@@ -303,6 +318,33 @@ def test_wrong_config_value_is_named(config_workdir):
     assert lines and any("stacking.method" in ln and "foo" in ln for ln in lines), text[-3000:]
 
 
+def test_wrong_config_type_is_named(config_workdir):
+    work, night = config_workdir
+    write_config(work, nights=str(night), stacking={"memory_mb": "lots"})
+    text = _dry_run_failure(work)
+    lines = [ln for ln in text.splitlines() if "config error" in ln]
+    assert lines and any("stacking.memory_mb" in ln and "lots" in ln for ln in lines), text[-3000:]
+
+
+def test_empty_night_is_named(config_workdir, tmp_path):
+    work, _ = config_workdir
+    empty = tmp_path / "empty night"
+    (empty / "lights").mkdir(parents=True)
+    write_config(work, nights={"empty": str(empty)})
+    text = _dry_run_failure(work)
+    assert any(f"night 'empty' ({empty}) holds no light frames" in ln for ln in text.splitlines()), text[-3000:]
+
+
+def test_unwritable_results_folder_is_named(config_workdir, tmp_path):
+    work, night = config_workdir
+    blocker = tmp_path / "not a folder"
+    blocker.write_text("a file where the results folder should go")
+    write_config(work, nights=str(night), results=str(blocker / "results"))
+    text = _dry_run_failure(work)
+    assert any(f"results folder {blocker / 'results'} is not writable" in ln for ln in text.splitlines()), text[-3000:]
+    assert "Traceback" not in text
+
+
 def test_missing_night_folder_is_named(config_workdir, tmp_path):
     work, _ = config_workdir
     missing = tmp_path / "no such night"
@@ -333,3 +375,39 @@ def test_night_name_with_spaces_and_accents_end_to_end(tmp_path, shared_data):
         assert hdr["NCOMBINE"] == 4
     assert sorted(frame_names_from_header(hdr)) == sorted(names)
     assert (res / "stack.tif").is_file() and (res / "stack.png").is_file()
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MB file system (tmpfs) for the results: room for one calibrated ALS frame."""
+    mount = tmp_path / "small disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip()}): needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_disk_full_stops_with_one_clear_line_and_no_half_file(tmp_path, shared_data, small_disk):
+    night = tmp_path / "night"
+    copy_good_frames(shared_data(ALS), night / "lights")
+    work = tmp_path / "work"
+    work.mkdir()
+    results = small_disk / "results"
+    write_config(work, nights={"full": str(night)}, results=str(results))
+    proc = snakemake(work, check=False, timeout=600)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "Traceback" not in text, text[-4000:]
+    full = [ln for ln in text.splitlines() if ln.startswith("nightstack error: cannot write")]
+    assert full and all(str(results) in ln and "no space left on device (disk full)" in ln for ln in full), text[-4000:]
+    # every output is whole or absent: no temp file left, every FITS written reads in full
+    assert not [p for p in results.rglob(".*") if p.is_file()]
+    for path in results.rglob("*.fits"):
+        with fits.open(path) as hdul:
+            assert hdul[0].data is None or np.isfinite(hdul[0].data).all()
