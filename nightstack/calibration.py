@@ -658,11 +658,12 @@ def _subtract_offset_and_dark(data, raw: RawFrame, bias, dark, notes, settings=N
             notes.append(f"dark subtracted (master of {dark.n_frames}, includes the offset)")
         return
     scale = light_s / dark_s if differ else 1.0
-    current = dark.data - bias.data
+    current = _dark_current(dark, bias)
     if warm:
-        measured = dark_scale_from_hot_pixels(
-            data, current, raw.cfa_pattern, float(settings["hot_sigma"])
-        )
+        sigma = float(settings["hot_sigma"])
+        pattern = _check_pattern(raw.cfa_pattern)
+        hot = _hot_mask(dark, bias, pattern, sigma)
+        measured = dark_scale_from_hot_pixels(data, current, pattern, sigma, hot=hot)
         if measured is None:
             notes.append(f"{warm}: dark current may not match (too few hot pixels to scale it)")
         else:
@@ -692,18 +693,20 @@ def _temperature_mismatch(raw: RawFrame, dark: Master, tolerance_c: float) -> st
 
 
 def dark_scale_from_hot_pixels(offset_free: np.ndarray, dark_current: np.ndarray, cfa_pattern,
-                               sigma: float = 8.0) -> float | None:  # fmt: skip
+                               sigma: float = 8.0, hot: np.ndarray | None = None) -> float | None:  # fmt: skip
     """Scale that best fits ``dark_current`` (ADU) onto a bias-subtracted light mosaic.
 
-    Both are taken on the dark's hot pixels, each minus the median of its same-colour ring,
-    so sky, stars and gradients cancel; the scale is the median ratio (light / dark). None
-    when fewer than MIN_HOT_PIXELS_FOR_SCALE hot pixels are usable.
+    Both are taken on the dark's hot pixels (``hot``, else found in ``dark_current`` at
+    ``sigma``), each minus the median of its same-colour ring, so sky, stars and gradients
+    cancel; the scale is the median ratio (light / dark). None when fewer than
+    MIN_HOT_PIXELS_FOR_SCALE hot pixels are usable.
     """
     light = np.asarray(offset_free, dtype=np.float32)
     current = np.asarray(dark_current, dtype=np.float32)
     if light.ndim != 2:
         return None
-    hot = find_hot_pixels(current, cfa_pattern, sigma)
+    if hot is None:
+        hot = find_hot_pixels(current, cfa_pattern, sigma)
     ys, xs = np.nonzero(hot)
     if ys.size < MIN_HOT_PIXELS_FOR_SCALE:
         return None
@@ -714,6 +717,14 @@ def dark_scale_from_hot_pixels(offset_free: np.ndarray, dark_current: np.ndarray
     if np.count_nonzero(usable) < MIN_HOT_PIXELS_FOR_SCALE:
         return None
     return float(max(np.median(light_excess[usable] / dark_excess[usable]), 0.0))
+
+
+def _hot_mask(dark: Master, bias: Master | None, cfa_pattern, sigma: float) -> np.ndarray:
+    """The master dark's hot pixels, found once per master and reused by every light."""
+    return dark.cached_mask(
+        ("hot", sigma, id(bias)),
+        lambda: find_hot_pixels(_dark_current(dark, bias), cfa_pattern, sigma),
+    )
 
 
 def _dark_current(dark: Master, bias: Master | None) -> np.ndarray:
@@ -771,11 +782,7 @@ def _bad_pixel_mask(data, pattern, bias, dark, flat, settings, notes) -> tuple[n
 
     if dark is not None:
         sigma = float(settings["hot_sigma"])
-        hot = dark.cached_mask(
-            ("hot", sigma, id(bias)),
-            lambda: find_hot_pixels(_dark_current(dark, bias), pattern, sigma),
-        )
-        add(hot, "hot pixels")
+        add(_hot_mask(dark, bias, pattern, sigma), "hot pixels")
     if flat is not None:
         threshold = float(settings["cold_threshold"])
         cold = flat.cached_mask(

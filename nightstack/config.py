@@ -102,40 +102,35 @@ def _kind_folder(night: Path, kind: str) -> Path | None:
 
 
 def list_images(folder: Path) -> list[Path]:
-    # a broken link is kept, so the frame is rejected with a reason instead of vanishing
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if (p.is_file() or (p.is_symlink() and not p.exists()))
-        and not p.name.startswith(".")
-        and is_image_file(p)
-    )
+    return _split_folder(folder)[0]
+
+
+def _split_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) of a folder, sorted; hidden files are neither. A broken link
+    counts as an image, so the frame is rejected with a reason instead of vanishing."""
+    images, others = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if is_image_file(p) and (p.is_file() or (p.is_symlink() and not p.exists())):
+            images.append(p)
+        elif not is_image_file(p) and p.is_file():
+            others.append(p)
+    return images, others
 
 
 def inventory(night: Path) -> dict[str, list[Path]]:
-    """Files of a night by kind: 'light', 'bias', 'dark', 'flat', 'darkflat'."""
+    """Files of a night by kind: 'light', 'bias', 'dark', 'flat', 'darkflat'; and under
+    'ignored' the files beside the lights that nightstack does not read (notes, sidecars)."""
     night = Path(night)
     if not night.is_dir():
         raise NightstackError(f"night folder {night} does not exist")
-    lights_dir = _kind_folder(night, "light")
-    found = {"light": list_images(lights_dir) if lights_dir else list_images(night)}
+    lights, ignored = _split_folder(_kind_folder(night, "light") or night)
+    found = {"light": lights, "ignored": ignored}
     for kind in CALIBRATION_KINDS:
         folder = _kind_folder(night, kind)
         found[kind] = list_images(folder) if folder else []
     return found
-
-
-def ignored_files(night: Path) -> list[Path]:
-    """Files in a night's light folder that nightstack does not read (notes, sidecars, other
-    formats), so the user can be told they were left out."""
-    night = Path(night)
-    folder = _kind_folder(night, "light") or night
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and not is_image_file(p)
-    )
 
 
 def check_results_writable(results) -> None:

@@ -28,9 +28,9 @@ Values are in the unit of the stack (ADU on the reference frame's flux scale).
 from __future__ import annotations
 
 import numpy as np
+from astropy.stats import mad_std
 from scipy import ndimage
 
-MAD_TO_SIGMA = 1.4826
 NOISE_CURVE_MAX_POINTS = 20  # more frames than this: a log-spaced subset of frame counts
 PROBE_SIDE_PX = 512  # the curve is measured in the central PROBE_SIDE_PX square of the stack
 MIN_PROBE_SIDE_PX = 16  # a tile's part of the probe region narrower than this is left out
@@ -73,9 +73,7 @@ def probe_boxes(tiles, height: int, width: int, side_px: int = PROBE_SIDE_PX) ->
 def robust_sigma(values) -> float:
     """1.4826 x median absolute deviation of ``values`` (any shape); NaN if empty."""
     v = np.asarray(values, dtype=np.float64).ravel()
-    if v.size == 0:
-        return float("nan")
-    return float(MAD_TO_SIGMA * np.median(np.abs(v - np.median(v))))
+    return float(mad_std(v)) if v.size else float("nan")
 
 
 def _block_px(shape, largest_px: int = BLOCK_PX) -> int:

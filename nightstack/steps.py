@@ -376,8 +376,8 @@ def pose_step(frame: str, catalog, reference_json, output, reg_params: dict) -> 
     cfg = registration_config(reg_params)
     if meta.get("status") != "ok":
         pose = Pose(status="rejected", reason=meta.get("reason", "rejected"))
-    elif other_camera(meta, ref_table.meta):
-        pose = Pose(status="rejected", reason=other_camera(meta, ref_table.meta))
+    elif camera_reason := other_camera(meta, ref_table.meta):
+        pose = Pose(status="rejected", reason=camera_reason)
     elif (meta["width_px"], meta["height_px"]) != (ref_cam.width_px, ref_cam.height_px):
         pose = Pose(status="rejected", reason=size_mismatch(meta, ref_cam))
     elif frame == ref_info["frame"]:

@@ -22,7 +22,7 @@ def _load_nights():
             found = ns_config.inventory(folder)
         if not found["light"]:
             raise NightstackError(f"night '{name}' ({folder}) holds no light frames")
-        ignored = ns_config.ignored_files(folder) if folder.exists() else []
+        ignored = found.get("ignored", [])
         if ignored:
             names = ", ".join(p.name for p in ignored)
             logger.warning(

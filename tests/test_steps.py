@@ -110,7 +110,7 @@ def test_ignored_files_are_listed(tmp_path):
     (lights / "notes.txt").write_text("clouds after 23h")
     (lights / "a.fits.xmp").write_text("<x/>")
     (lights / ".hidden").write_text("")
-    assert [p.name for p in ns_config.ignored_files(tmp_path / "night")] == ["a.fits.xmp", "notes.txt"]
+    assert [p.name for p in ns_config.inventory(tmp_path / "night")["ignored"]] == ["a.fits.xmp", "notes.txt"]
 
 
 def test_results_folder_that_cannot_be_made_is_named(tmp_path):

@@ -302,28 +302,21 @@ def _dry_run_failure(work) -> str:
     return proc.stdout + proc.stderr
 
 
-def test_unknown_config_key_is_named(config_workdir):
+@pytest.mark.parametrize(
+    "stacking, named",
+    [
+        ({"methd": "mean"}, ("stacking", "methd")),  # unknown key
+        ({"method": "foo"}, ("stacking.method", "foo")),  # wrong value
+        ({"memory_mb": "lots"}, ("stacking.memory_mb", "lots")),  # wrong type
+    ],
+    ids=["unknown_key", "wrong_value", "wrong_type"],
+)
+def test_config_mistake_is_named(config_workdir, stacking, named):
     work, night = config_workdir
-    write_config(work, nights=str(night), stacking={"methd": "mean"})
+    write_config(work, nights=str(night), stacking=stacking)
     text = _dry_run_failure(work)
     lines = [ln for ln in text.splitlines() if "config error" in ln]
-    assert lines and any("stacking" in ln and "methd" in ln for ln in lines), text[-3000:]
-
-
-def test_wrong_config_value_is_named(config_workdir):
-    work, night = config_workdir
-    write_config(work, nights=str(night), stacking={"method": "foo"})
-    text = _dry_run_failure(work)
-    lines = [ln for ln in text.splitlines() if "config error" in ln]
-    assert lines and any("stacking.method" in ln and "foo" in ln for ln in lines), text[-3000:]
-
-
-def test_wrong_config_type_is_named(config_workdir):
-    work, night = config_workdir
-    write_config(work, nights=str(night), stacking={"memory_mb": "lots"})
-    text = _dry_run_failure(work)
-    lines = [ln for ln in text.splitlines() if "config error" in ln]
-    assert lines and any("stacking.memory_mb" in ln and "lots" in ln for ln in lines), text[-3000:]
+    assert lines and any(all(word in ln for word in named) for ln in lines), text[-3000:]
 
 
 def test_empty_night_is_named(config_workdir, tmp_path):
