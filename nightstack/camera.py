@@ -87,9 +87,11 @@ def homography(ref_camera: Camera, frame_camera: Camera, rotation: np.ndarray) -
 def apply_homography(h: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """Apply a 3x3 homography to pixel positions (N, 2)."""
     xy = np.asarray(xy, dtype=float)
-    # a contiguous copy of the 3x2 block makes the product several times faster
-    p = xy @ np.ascontiguousarray(h[:, :2].T) + h[:, 2]
-    return p[..., :2] / p[..., 2:3]
+    x, y = xy[..., 0], xy[..., 1]
+    # element-wise products: a matrix product with an inner size of 2 is several times slower
+    w = h[2, 0] * x + h[2, 1] * y + h[2, 2]
+    return np.stack([(h[0, 0] * x + h[0, 1] * y + h[0, 2]) / w,
+                     (h[1, 0] * x + h[1, 1] * y + h[1, 2]) / w], axis=-1)
 
 
 def map_ref_to_frame(xy_ref, ref_camera: Camera, frame_camera: Camera, rotation) -> np.ndarray:
