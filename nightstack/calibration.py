@@ -249,20 +249,26 @@ def _block_background(plane: np.ndarray, block: int = BACKGROUND_BLOCK_PX) -> np
     return _upsample_bilinear(grid, (height, width), block).astype(np.float32)
 
 
+def _bilinear_matrix(n_out: int, n_grid: int, block: int) -> np.ndarray:
+    """(n_out, n_grid) float32 weights: row i interpolates pixel i from the tile centres."""
+    pos = np.clip((np.arange(n_out) + 0.5) / block - 0.5, 0, n_grid - 1)
+    i0 = np.floor(pos).astype(int)
+    i1 = np.minimum(i0 + 1, n_grid - 1)
+    frac = pos - i0
+    weights = np.zeros((n_out, n_grid), dtype=np.float64)
+    np.add.at(weights, (np.arange(n_out), i0), 1 - frac)
+    np.add.at(weights, (np.arange(n_out), i1), frac)
+    return weights.astype(np.float32)
+
+
 def _upsample_bilinear(grid: np.ndarray, shape, block: int) -> np.ndarray:
-    """Bilinear interpolation of tile centres (tile i covers pixels i*block..) to ``shape``."""
+    """Bilinear interpolation of tile centres (tile i covers pixels i*block..) to ``shape``.
 
-    def axis_weights(n_out, n_grid):
-        pos = (np.arange(n_out) + 0.5) / block - 0.5
-        pos = np.clip(pos, 0, n_grid - 1)
-        i0 = np.floor(pos).astype(int)
-        i1 = np.minimum(i0 + 1, n_grid - 1)
-        return i0, i1, (pos - i0)
-
-    y0, y1, wy = axis_weights(shape[0], grid.shape[0])
-    x0, x1, wx = axis_weights(shape[1], grid.shape[1])
-    rows = grid[y0] * (1 - wy)[:, None] + grid[y1] * wy[:, None]
-    return rows[:, x0] * (1 - wx)[None, :] + rows[:, x1] * wx[None, :]
+    Written as two small matrix products (rows, then columns): the same numbers as indexing
+    the grid per pixel, at a fraction of the cost on large frames. Returns float32.
+    """
+    rows = _bilinear_matrix(shape[0], grid.shape[0], block) @ np.asarray(grid, np.float32)
+    return rows @ _bilinear_matrix(shape[1], grid.shape[1], block).T
 
 
 # =========================================================================== masters
