@@ -230,7 +230,7 @@ SMK=("$PYTHON" -m snakemake --snakefile "$REPO/Snakefile" --directory "$WORK")
 # ---------------------------------------------------------------------------------------------
 phase "run the demo night on Slurm"
 slurm_cmd=("${SMK[@]}" --workflow-profile "$REPO/profiles/slurm"
-  --executor slurm --jobs 4
+  --executor slurm --jobs 4 --cores 2
   --slurm-status-command squeue
   --slurm-init-seconds-before-status-checks 6
   --slurm-no-account

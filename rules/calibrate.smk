@@ -11,7 +11,7 @@ rule calibrate:
     conda:
         "../envs/nightstack.yaml"
     resources:
-        mem_mb=3000,
+        mem_mb=calibrate_mem_mb,
         runtime=10,
     params:
         light=light_file,

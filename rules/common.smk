@@ -1,3 +1,4 @@
+import functools
 import re
 from pathlib import Path
 
@@ -6,6 +7,7 @@ from snakemake.logging import logger
 
 from nightstack import config as ns_config
 from nightstack import demo as ns_demo
+from nightstack import loading as ns_loading
 from nightstack.errors import NightstackError
 
 
@@ -151,6 +153,40 @@ def final_stack(wildcards):
     """The combined image of a night: registered stack, or star trails in trails mode."""
     name = "stack_trails" if config.get("mode", "deep") == "trails" else "stack_linear"
     return f"{night_dir(wildcards.night)}/{name}.fits"
+
+
+# Per-frame memory, measured (benchmarks/README.md): an 18 MP DSLR frame peaks at 1.4 GB in
+# calibrate and 0.6 GB in stars; a 1.3 MP frame at 0.2 GB and 0.16 GB. Each retry asks for more.
+CALIBRATE_MB = (300, 75)  # (fixed, per megapixel)
+STARS_MB = (300, 35)
+
+
+@functools.lru_cache(maxsize=None)
+def night_megapixels(night):
+    """Megapixels of a night's first light (the demo's configured size before it exists);
+    24 when the file cannot be read here (its job then rejects it by name)."""
+    path = next(iter(FRAMES[night].values()))
+    if not path.exists():
+        demo = demo_config()
+        return demo.width_px * demo.height_px / 1e6
+    try:
+        width, height = ns_loading.image_size(path)
+    except (NightstackError, OSError):
+        return 24.0
+    return width * height / 1e6
+
+
+def _frame_mb(night, fixed_and_per_mp, attempt):
+    fixed, per_mp = fixed_and_per_mp
+    return int((fixed + per_mp * night_megapixels(night)) * (1 + 0.5 * (attempt - 1)))
+
+
+def calibrate_mem_mb(wildcards, attempt):
+    return _frame_mb(wildcards.night, CALIBRATE_MB, attempt)
+
+
+def stars_mem_mb(wildcards, attempt):
+    return _frame_mb(wildcards.night, STARS_MB, attempt)
 
 
 def stack_mem_mb(wildcards, attempt):

@@ -25,10 +25,12 @@ rule pose:
         f"{RESULTS}/{{night}}/poses/{{frame}}.json",
     log:
         f"{RESULTS}/{{night}}/logs/pose/{{frame}}.log",
+    group:
+        "pose"
     conda:
         "../envs/nightstack.yaml"
     resources:
-        mem_mb=1000,
+        mem_mb=500,
         runtime=5,
     params:
         registration=config["registration"],

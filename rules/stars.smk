@@ -10,7 +10,7 @@ rule stars:
     conda:
         "../envs/nightstack.yaml"
     resources:
-        mem_mb=3000,
+        mem_mb=stars_mem_mb,
         runtime=10,
     params:
         stars=config["stars"],
