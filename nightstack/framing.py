@@ -86,8 +86,8 @@ def frame_boundary_px(width_px: int, height_px: int, step_px: float = BOUNDARY_S
     """Points (n, 2) around the box of pixel centres [0, W-1] x [0, H-1], at most ``step_px``
     apart, corners included, in order (top edge left to right, then right, bottom, left)."""
     x_max, y_max = float(width_px - 1), float(height_px - 1)
-    nx = max(int(math.ceil(x_max / step_px)), 1)
-    ny = max(int(math.ceil(y_max / step_px)), 1)
+    nx = max(math.ceil(x_max / step_px), 1)
+    ny = max(math.ceil(y_max / step_px), 1)
     xs = np.linspace(0.0, x_max, nx + 1)[:-1]
     ys = np.linspace(0.0, y_max, ny + 1)[:-1]
     top = np.column_stack([xs, np.zeros_like(xs)])

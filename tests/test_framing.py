@@ -11,11 +11,17 @@ from nightstack.demo import DemoConfig, frame_cameras, frame_rotations
 from nightstack.errors import NightstackError
 from nightstack.framing import footprints_of, output_box
 from nightstack.io import write_fits_image
-from nightstack.stacking import COVERAGE_TOLERANCE_PX, FrameWarp, StackConfig, stack_frames
+from nightstack.stacking import (
+    COVERAGE_TOLERANCE_PX,
+    FrameWarp,
+    StackConfig,
+    stack_frames,
+)
 
 # a tripod night: 6 frames 10 minutes apart (about 12 degrees about the pole), zooming a little
-ROTATING = dict(n_lights=6, width_px=800, height_px=533, focal_px=1200.0, cadence_s=600.0,
-                zoom_steps=[1.0, 1.02, 0.98, 1.01, 1.0, 1.03])
+ROTATING = {"n_lights": 6, "width_px": 800, "height_px": 533, "focal_px": 1200.0,
+            "cadence_s": 600.0, "zoom_steps": [1.0, 1.02, 0.98, 1.01, 1.0, 1.03]}
+MEAN_LANCZOS = StackConfig(method="mean", interpolation="lanczos3", memory_mb=1)
 REFERENCE_INDEX = 2
 
 
@@ -189,8 +195,7 @@ def small_rotating_night(tmp_path_factory):
     return warps
 
 
-def framed_stack(warps, framing, cfg=StackConfig(method="mean", interpolation="lanczos3",
-                                                 memory_mb=1)):
+def framed_stack(warps, framing, cfg=MEAN_LANCZOS):
     ref = warps[0].ref_camera
     box, _ = output_box(framing, warps, ref.width_px, ref.height_px)
     origin = None if framing == "reference" else (box.x0_px, box.y0_px)
@@ -220,7 +225,7 @@ def test_crop_stack_is_full_and_maximize_stack_is_not_darker_at_the_edges(small_
     warps = small_rotating_night
     _, crop, crop_cov = framed_stack(warps, "crop")
     assert np.isfinite(crop).all() and np.all(crop_cov == len(warps))
-    box, image, coverage = framed_stack(warps, "maximize")
+    _, image, coverage = framed_stack(warps, "maximize")
     assert np.array_equal(np.isfinite(image), coverage > 0)
     # every frame is normalised to 100: a mean over the frames present keeps 100 everywhere
     single, full = image[coverage == 1], image[coverage == len(warps)]
