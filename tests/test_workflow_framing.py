@@ -11,13 +11,13 @@ import tifffile
 from astropy.io import fits
 from matplotlib.path import Path as PolygonPath
 from PIL import Image
+from workflow_helpers import snakemake, write_config
 
 from nightstack.camera import Camera
 from nightstack.demo import DemoConfig, frame_cameras, frame_rotations, generate_night
 from nightstack.framing import box_from_header, footprints_of, output_box
 from nightstack.io import read_json
 from nightstack.stacking import COVERAGE_TOLERANCE_PX
-from workflow_helpers import snakemake, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -163,23 +163,37 @@ def test_maximize_holds_every_frame_with_a_true_coverage_map(runs):
 
 
 def sky_level(image, region):
-    """Per-channel median (ADU) and its standard error of the pixels in ``region`` (stars add
-    a few bright outliers the median ignores). Neighbouring pixels are correlated by
-    demosaicing and interpolation: the error counts one independent value per 3x3 pixels."""
+    """Per-channel median (ADU) of the pixels in ``region``, its standard error, and the robust
+    per-pixel noise (stars are a few bright outliers the median ignores). Neighbouring pixels
+    are correlated by demosaicing and interpolation: the error counts one independent value per
+    3x3 pixels."""
     values = image[:, region]
     med = np.median(values, axis=1)
     sigma = 1.4826 * np.median(np.abs(values - med[:, None]), axis=1)
-    return med, 1.2533 * sigma / np.sqrt(values.shape[1] / 9.0)
+    return med, 1.2533 * sigma / np.sqrt(values.shape[1] / 9.0), sigma
 
 
-@pytest.mark.parametrize("stage", ["linear", "final"])
-def test_maximize_edges_are_not_darker(runs, stage):
-    run = runs["maximize"]
-    n = run["solution"]["n_accepted"]
+def edge_and_centre(run, stage):
+    """Sky levels (median, error, noise per pixel) where one frame and where all frames cover."""
     cov = run["coverage"]
-    single, full = cov == 1, cov == n
+    single, full = cov == 1, cov == run["solution"]["n_accepted"]
     assert single.sum() > 5000 and full.sum() > 5000
-    edge, edge_err = sky_level(run[stage], single)
-    centre, centre_err = sky_level(run[stage], full)
-    assert np.all(np.abs(edge - centre) < 4 * np.hypot(edge_err, centre_err)), (edge, centre,
-                                                                                edge_err)
+    return sky_level(run[stage], single), sky_level(run[stage], full)
+
+
+def test_maximize_edges_are_not_darker(runs):
+    # the stack itself: each pixel the mean of the frames covering it. Allowed: 4 standard
+    # errors, plus 0.1 sigma per pixel for the frames' own edges, a little brighter than their
+    # centres after their gradient removal (measured +1.1 to 1.4 ADU, 0.05 sigma); a stack
+    # darkened by missing frames would be off by 1/6 to 5/6 of the sky level (~70 to 360 ADU)
+    (edge, edge_err, noise), (centre, centre_err, _) = edge_and_centre(runs["maximize"], "linear")
+    tolerance = 4 * np.hypot(edge_err, centre_err) + 0.1 * noise
+    assert np.all(np.abs(edge - centre) < tolerance), (edge, centre, tolerance)
+
+
+def test_maximize_edges_are_not_darker_after_the_final_gradient_removal(runs):
+    # the after-stack gradient fit ignores the NaN pixels; its one-sided star clipping biases
+    # the noisier single-frame edges slightly up (measured +0.15 sigma), never down
+    (edge, edge_err, noise), (centre, centre_err, _) = edge_and_centre(runs["maximize"], "final")
+    assert np.all(edge - centre > -4 * np.hypot(edge_err, centre_err)), (edge, centre)
+    assert np.all(np.abs(edge - centre) < 0.25 * noise), (edge, centre, noise)
