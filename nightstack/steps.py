@@ -631,7 +631,9 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
     if remove or out_model:
         valid = np.isfinite(image)
         # the fit masks non-finite pixels itself (nightstack.background)
-        corrected, model = remove_background(image, background_config_from_dict(_bg_only(background_params)))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # uncovered
+            corrected, model = remove_background(image, background_config_from_dict(_bg_only(background_params)))
         if remove:
             image = np.where(valid, corrected, np.nan).astype(np.float32)
         if out_model:
