@@ -172,24 +172,40 @@ def plot_frame_quality(solution_json, catalogs: dict, out_png) -> None:
 # --------------------------------------------------------------------------- 2 star matches
 
 
-def _preview_underlay(ax, stack_png, width_px: int, height_px: int) -> None:
-    """Show the stacked preview (on the reference grid, maybe downsized) faintly under a plot."""
+def _preview_underlay(ax, stack_png, box) -> None:
+    """Show the stacked preview (maybe downsized) faintly under a plot, placed on its box of
+    the reference grid: ``box`` = (x0, y0, width, height), reference px (nightstack.framing)."""
     if stack_png is None or not Path(stack_png).is_file():
         ax.set_facecolor("0.08")
         return
     from PIL import Image
 
+    x0, y0, width_px, height_px = box
     with Image.open(stack_png) as im:
-        ax.imshow(np.asarray(im.convert("L")), cmap="gray", alpha=0.55,
-                  extent=(-0.5, width_px - 0.5, height_px - 0.5, -0.5), zorder=0)
+        ax.imshow(np.asarray(im.convert("L")), cmap="gray", alpha=0.55, zorder=0,
+                  extent=(x0 - 0.5, x0 + width_px - 0.5, y0 + height_px - 0.5, y0 - 0.5))
+
+
+def stack_box(stack_info_json, width_px: int, height_px: int) -> tuple[int, int, int, int]:
+    """(x0, y0, width, height) of the stack in reference px from ``stack_linear.json``'s
+    ``info.framing``; the reference frame's grid when there is none."""
+    info = {}
+    if stack_info_json is not None and (isinstance(stack_info_json, dict) or Path(stack_info_json).is_file()):
+        info = _as_dict(stack_info_json).get("info", {})
+    framing = info.get("framing") or {}
+    if "x0_px" not in framing:
+        return 0, 0, int(width_px), int(height_px)
+    return (int(framing["x0_px"]), int(framing["y0_px"]), int(framing["width_px"]),
+            int(framing["height_px"]))
 
 
 def plot_star_matches(frame_catalog, ref_catalog, pose_json, out_png, min_snr: float = 0.0,
-                      stack_png=None) -> None:
+                      stack_png=None, stack_info_json=None) -> None:
     """Stars of one frame matched to the reference, drawn as lines from reference to frame position.
 
     Reference stars are open circles, the frame's matched stars dots; ``min_snr`` must be the
-    registration's so the pose's ``pairs`` index the same star lists.
+    registration's so the pose's ``pairs`` index the same star lists. The preview underlay is
+    placed by the stack's framing (``stack_linear.json``).
     """
     pose = _as_dict(pose_json)
     name = pose.get("frame", Path(frame_catalog).stem)
@@ -200,7 +216,7 @@ def plot_star_matches(frame_catalog, ref_catalog, pose_json, out_png, min_snr: f
         return
     frame_xy, ref_xy, all_ref_xy = matched_positions(frame_catalog, ref_catalog, pose, min_snr)
     fig, ax = plt.subplots(figsize=(11, 11 * h / w + 1))
-    _preview_underlay(ax, stack_png, w, h)
+    _preview_underlay(ax, stack_png, stack_box(stack_info_json, w, h))
     ax.scatter(all_ref_xy[:, 0], all_ref_xy[:, 1], s=10, facecolor="none", edgecolor="0.6", lw=0.6,
                label=f"reference stars ({len(all_ref_xy)})", zorder=1)
     segments = np.stack([ref_xy, frame_xy], axis=1)
@@ -475,7 +491,8 @@ def write_night_plots(solution_json, catalogs: dict, poses: dict, out: dict, min
     ref = solution["reference"]
     plot_frame_quality(solution, catalogs, out["quality"])
     shown = latest_accepted_frame(solution) or ref
-    plot_star_matches(catalogs[shown], catalogs[ref], poses[shown], out["matches"], min_snr, stack_png)
+    plot_star_matches(catalogs[shown], catalogs[ref], poses[shown], out["matches"], min_snr, stack_png,
+                      stack_info_json)
     worst = worst_accepted_frame(solution) or ref
     plot_residual_field(solution, worst, catalogs[worst], catalogs[ref], poses[worst], out["residuals"], min_snr)
     plot_noise_curve(solution, catalogs, out["noise"], stack_info_json)

@@ -637,13 +637,17 @@ def _check_frame(warp: FrameWarp, n_channels: int) -> None:
         raise FrameError(warp.path, f"noise weight must be a positive number, got {warp.weight}")
 
 
-def usable_warps(warps: list[FrameWarp], out_shape) -> tuple[list[FrameWarp], dict]:
-    """Split frames into those that can be stacked and {path: reason} for the others."""
+def usable_warps(warps: list[FrameWarp], out_shape, reference_grid: bool = True
+                 ) -> tuple[list[FrameWarp], dict]:
+    """Split frames into those that can be stacked and {path: reason} for the others.
+
+    With ``reference_grid`` the stack must be the reference camera's size (no framing).
+    """
     n_channels, height, width = out_shape
     good, skipped = [], {}
     for warp in warps:
         ref = warp.ref_camera
-        if (ref.height_px, ref.width_px) != (height, width):
+        if reference_grid and (ref.height_px, ref.width_px) != (height, width):
             raise NightstackError(
                 f"reference camera is {ref.width_px}x{ref.height_px} px but the stack is "
                 f"{width}x{height} px"
@@ -704,12 +708,14 @@ def _noise_curve_info(pooled, n_frames: int, probes: dict) -> dict | None:
 
 
 def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = None,
-                 progress=None):
+                 progress=None, origin_px=None, fill_value: float = 0.0):
     """Warp all frames onto the reference grid and combine them, tile by tile.
 
-    warps: one FrameWarp per accepted frame. out_shape: (C, H, W) of the reference grid.
+    warps: one FrameWarp per accepted frame. out_shape: (C, H, W) of the reference grid, or
+    of the output box when ``origin_px`` = (x0, y0), whole reference pixels: output pixel
+    (row i, column j) is then reference pixel (x0 + j, y0 + i) (nightstack.framing).
     progress: optional callable, called with 1 after each tile (nightstack.logs.Progress).
-    Returns (image (C, H, W) float32, 0 where no frame covers; coverage (H, W) int16 = number
+    Returns (image (C, H, W) float32, ``fill_value`` where no frame covers; coverage (H, W) int16 = number
     of frames covering each pixel; info dict with the tile plan, rejected-pixel fraction per
     frame, skipped frames, notes and ``noise_curve``: the background noise (ADU) of the
     weighted mean of the first n frames in time order, measured on the tiles' own warped
@@ -718,7 +724,9 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
     cfg = cfg or StackConfig()
     validate_stack_config(cfg)
     n_channels, height, width = (int(v) for v in out_shape)
-    warps, skipped = usable_warps(list(warps), (n_channels, height, width))
+    warps, skipped = usable_warps(list(warps), (n_channels, height, width),
+                                  reference_grid=origin_px is None)
+    ox, oy = (0, 0) if origin_px is None else (int(v) for v in origin_px)
     if not warps:
         raise NightstackError("no frame left to stack" + (
             f" ({len(skipped)} unreadable)" if skipped else ""))
@@ -744,14 +752,15 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
         stack = buffer[: n_frames * n_channels * (y1 - y0) * (x1 - x0)].reshape(
             n_frames, n_channels, y1 - y0, x1 - x0)
         for i, warp in enumerate(warps):
-            stack[i] = read_warped_tile(warp, y0, y1, x0, x1, cfg.interpolation)
+            stack[i] = read_warped_tile(warp, y0 + oy, y1 + oy, x0 + ox, x1 + ox,
+                                        cfg.interpolation)
         finite = np.isfinite(stack)
         coverage[y0:y1, x0:x1] = finite.sum(axis=0, dtype=np.int16).max(axis=0)
         valid_count += finite.reshape(n_frames, -1).sum(axis=1)
         del finite
         combined, _, rejected = combine_with_rejection(stack, cfg, weights)
         rejected_count += rejected.reshape(n_frames, -1).sum(axis=1)
-        image[:, y0:y1, x0:x1] = np.nan_to_num(combined, nan=0.0)
+        image[:, y0:y1, x0:x1] = np.nan_to_num(combined, nan=fill_value)
         if (y0, y1, x0, x1) in probes:
             probe_noise.append(_probe_noise(stack, combined, (y0, x0), probes[(y0, y1, x0, x1)],
                                             warps, weights))

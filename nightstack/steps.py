@@ -531,11 +531,18 @@ def frame_weight(noise_adu, fwhm_px, weighting: str) -> float:
 
 
 def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, output, stack_params: dict) -> None:
-    """Reproject every accepted frame into the reference and combine; write the linear stack."""
+    """Reproject every accepted frame into the reference and combine; write the linear stack.
 
+    ``stack_params["framing"]`` (reference | crop | maximize, nightstack.framing) chooses the
+    box of reference pixels the stack covers; it is recorded in the FITS header and the info.
+    """
+
+    from .framing import framing_cards, output_box
     from .outputs import stack_header, write_stack_fits
     from .stacking import FrameWarp, stack_config_from_dict, stack_frames
 
+    stack_params = dict(stack_params)
+    framing = stack_params.pop("framing", "reference")
     sol = read_json(solution_json)
     cam = sol["camera"]
     ref_cam = Camera(cam["width_px"], cam["height_px"], cam["focal_px"], cam["k1"], cam["k2"])
@@ -565,10 +572,17 @@ def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, outp
         used.append(rec)
     cfg = stack_config_from_dict(stack_params)
     n_channels = int(ref_meta.get("n_channels", len(target)))
-    out_shape = (n_channels, ref_cam.height_px, ref_cam.width_px)
+    box, framing_info = output_box(framing, warps, ref_cam.width_px, ref_cam.height_px)
+    out_shape = (n_channels, box.height_px, box.width_px)
+    framed = framing != "reference"
     progress = Progress(f"stacking night {night}", 1)
-    image, coverage, info = stack_frames(warps, out_shape, cfg, progress=None)
+    image, coverage, info = stack_frames(
+        warps, out_shape, cfg, progress=None, origin_px=(box.x0_px, box.y0_px) if framed else None,
+        fill_value=np.nan if framed else 0.0)
     progress()
+    info["framing"] = {**box.as_dict(), **framing_info,
+                       "convention": "stack pixel (row i, column j) is reference pixel "
+                                     "(x0_px + j, y0_px + i); 0-based"}
     exptimes = [r.get("exptime_s") for r in used if r.get("exptime_s")]
     dates = sorted(r["date_obs"] for r in used if r.get("date_obs"))
     hdr = stack_header({
@@ -577,6 +591,7 @@ def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, outp
         "date_obs_start": dates[0] if dates else None, "date_obs_end": dates[-1] if dates else None,
         "method": cfg.method, "night": night, "reference": sol.get("reference_file") or ref_id,
     })
+    hdr.extend(framing_cards(box))
     write_stack_fits(output, image, hdr, coverage=coverage)
     write_json(Path(output).with_suffix(".json"), {"frames": [r["file"] for r in used], "info": info})
     log.info("night %s: stacked %d frames (%s)", night, len(used), info)
@@ -586,12 +601,16 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
                  out_model=None) -> None:
     """Final gradient removal, then stack.fits (float32 + provenance), 16-bit TIFF, PNG preview.
 
+    Pixels no frame covers (NaN, framing maximize) stay NaN in the FITS, are left out of the
+    gradient fit and are black in the TIFF and PNG.
+
     out_model: optional path of the light-pollution model (FITS, ADU, binned to <= 256 px on the
     long side; see outputs.write_background_model). It is fitted even when ``after_stack`` is
     off (then it is only shown, not subtracted).
     """
     from astropy.io import fits
 
+    from .framing import FRAMING_KEYWORDS
     from .outputs import (
         frame_names_from_header,
         stack_header,
@@ -611,8 +630,10 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
     remove = background_params.get("after_stack", True)
     if remove or out_model:
         valid = np.isfinite(image)
-        filled = np.where(valid, image, np.nanmedian(image))
-        corrected, model = remove_background(filled, background_config_from_dict(_bg_only(background_params)))
+        # the fit masks non-finite pixels itself (nightstack.background)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # uncovered
+            corrected, model = remove_background(image, background_config_from_dict(_bg_only(background_params)))
         if remove:
             image = np.where(valid, corrected, np.nan).astype(np.float32)
         if out_model:
@@ -629,11 +650,11 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
         "reference": text["REFFRAME"],
     }
     hdr = stack_header(meta)
+    hdr.extend([(k, header[k], header.comments[k]) for k in FRAMING_KEYWORDS if k in header])
     write_stack_fits(out_fits, image, hdr, coverage=coverage)
-    clean = np.nan_to_num(image, nan=float(np.nanmedian(image)))
-    write_tiff16(out_tiff, clean)
+    write_tiff16(out_tiff, image)  # NaN -> 0 (black) in both
     max_side = output_params.get("png_max_side_px") or None
-    write_preview_png(out_png, clean, max_side_px=max_side)
+    write_preview_png(out_png, image, max_side_px=max_side)
     log.info("wrote %s, %s, %s", out_fits, out_tiff, out_png)
 
 
