@@ -830,6 +830,8 @@ def generate_night(folder, cfg: DemoConfig | None = None) -> dict:
       in_frame0; brightest first;
     - ``hot_pixels``: x, y, dark_adu_s; ``satellite_frame`` and ``satellite`` (line, endpoints);
       ``dust``; ``pole_ref_px``; exposure, cadence, CFA pattern, black/white level, gain, config.
+    - ``sky_to_reference``: 3x3, equatorial -> camera directions of light 0 (nights sharing a
+      sky, ``DemoConfig.sky``, relate through it: night B's light 0 sees ``S_B S_A^T`` of A's).
     """
     cfg = cfg if cfg is not None else DemoConfig()
     check_config(cfg)

@@ -20,7 +20,7 @@ from nightstack.combine import (
     expected_noise,
     sky_residual,
 )
-from nightstack.config import check_combine
+from nightstack.config import check_combine, validate
 from nightstack.errors import NightstackError
 from nightstack.loading import load_frame
 
@@ -126,6 +126,9 @@ def test_combine_config_checks():
         check_combine({"combine": {"reference": "c"}}, ["a", "b"])
     with pytest.raises(NightstackError, match="combined"):
         check_combine({}, ["a", "combined"])
+    validate({"nights": "x", "combine": {"reference": "auto"}})
+    with pytest.raises(NightstackError, match="combine"):
+        validate({"nights": "x", "combine": {"referense": "auto"}})
 
 
 def test_aperture_noise_of_white_noise():
