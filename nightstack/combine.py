@@ -38,6 +38,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from .camera import Camera
+from .errors import NightstackError
 from .noise import large_scale_background, robust_sigma, sky_mask
 from .registration import Pose, RegistrationConfig, StarList, estimate_pose
 from .stacking import FrameWarp, warp_tile
@@ -203,14 +204,51 @@ def choose_reference(nights: list, star_counts: dict, reference: str = "auto") -
     names = [n.name for n in nights]
     if reference != "auto":
         if reference not in names:
-            raise ValueError(f"combine: reference night '{reference}' is not one of {names}")
+            raise NightstackError(f"combine: reference night '{reference}' is not one of {names}")
         return reference
     return max(names, key=lambda n: (star_counts[n], -names.index(n)))
 
 
-def _normalised(image, resid_fn=sky_residual):
-    """Per channel (background-subtracted plane, sky mask) of a (C, H, W) image."""
-    return [resid_fn(ch) for ch in image]
+def background_free(image) -> tuple[np.ndarray, np.ndarray]:
+    """(C, H, W) image minus each channel's large-scale background, and each channel's sky
+    level (C,) (median of its sky pixels); NaN stays NaN."""
+    planes, levels = [], []
+    for channel in image:
+        resid, sky = sky_residual(channel)
+        planes.append(resid)
+        levels.append(np.nanmedian(channel[sky]) if sky.any() else 0.0)
+    return np.stack(planes).astype(np.float32), np.asarray(levels, dtype=np.float64)
+
+
+def join_night(night: NightStack, ref: NightStack, stars: StarList, ref_stars: StarList,
+               ref_lum, fwhm_px: float, reg_cfg: RegistrationConfig) -> NightResult:
+    """Register, warp and flux-scale one night on the reference: a NightResult whose ``warped``
+    is background-free in reference flux units (status "rejected" with a reason if it fails).
+    ``ref_lum``: the reference's background-free luminance (H, W)."""
+    res = NightResult(night.name, "accepted", n_stars=len(stars.xy))
+    res.pose = register_stack(night, ref, stars, ref_stars, reg_cfg)
+    if res.pose.status != "accepted":
+        res.status, res.reason = "rejected", res.pose.reason
+        return res
+    res.camera = registered_camera(night, res.pose)
+    planes, _ = background_free(warp_to_reference(night, ref.camera, res.pose))
+    ref_xy = ref_stars.xy[res.pose.pairs[:, 1]]
+    res.flux_scale = flux_scale(luminance(planes), ref_lum, ref_xy,
+                                PHOTOMETRY_RADIUS_FWHM * fwhm_px)
+    if not np.isfinite(res.flux_scale) or res.flux_scale <= 0:
+        res.status, res.reason = "rejected", "no matched star to measure its flux scale on"
+        return res
+    res.warped = planes / np.float32(res.flux_scale)
+    return res
+
+
+def measure_noise(res: NightResult) -> None:
+    """Set res.noise_adu from empty-sky apertures of its warped luminance; a night with too
+    little empty sky is rejected."""
+    resid, sky = sky_residual(luminance(res.warped))
+    res.noise_adu = aperture_noise(resid, sky)
+    if not np.isfinite(res.noise_adu) or res.noise_adu <= 0:
+        res.status, res.reason = "rejected", "too little empty sky to measure its noise"
 
 
 def combine_nights(nights: list, reference: str = "auto", star_cfg: StarConfig | None = None,
@@ -225,47 +263,32 @@ def combine_nights(nights: list, reference: str = "auto", star_cfg: StarConfig |
     stars = {k: StarList.from_table(t, min_snr=reg_cfg.min_snr) for k, t in tables.items()}
     ref_name = choose_reference(nights, {k: len(v.xy) for k, v in stars.items()}, reference)
     ref = next(n for n in nights if n.name == ref_name)
-    ref_channels = _normalised(ref.image)
-    ref_resid = luminance(np.stack([r for r, _ in ref_channels]))
-    levels = np.array([np.nanmedian(ch[sky]) for ch, (_, sky) in zip(ref.image, ref_channels)])
+    ref_planes, levels = background_free(ref.image)
     fwhm = tables[ref_name].meta["fwhm_px_median"] if len(tables[ref_name]) else 3.0
     results = []
     for night in nights:
-        res = NightResult(night.name, "accepted", n_stars=len(stars[night.name].xy))
         if night.name == ref_name:
-            res.status, res.camera, res.flux_scale = "reference", ref.camera, 1.0
-            res.pose = Pose(status="accepted", n_pairs=len(stars[ref_name].xy), rms_px=0.0)
-            res.warped = np.stack([r for r, _ in ref_channels])
+            res = NightResult(ref_name, "reference", camera=ref.camera, flux_scale=1.0,
+                              n_stars=len(stars[ref_name].xy), warped=ref_planes,
+                              pose=Pose(status="accepted", n_pairs=len(stars[ref_name].xy),
+                                        rms_px=0.0))
         else:
-            res.pose = register_stack(night, ref, stars[night.name], stars[ref_name], reg_cfg)
-            if res.pose.status != "accepted":
-                res.status, res.reason = "rejected", res.pose.reason
-                results.append(res)
-                continue
-            res.camera = registered_camera(night, res.pose)
-            warped = warp_to_reference(night, ref.camera, res.pose)
-            channels = np.stack([r for r, _ in _normalised(warped)])
-            ref_xy = stars[ref_name].xy[res.pose.pairs[:, 1]]
-            res.flux_scale = flux_scale(luminance(channels), ref_resid, ref_xy,
-                                        PHOTOMETRY_RADIUS_FWHM * fwhm)
-            if not np.isfinite(res.flux_scale) or res.flux_scale <= 0:
-                res.status, res.reason = "rejected", "no star to measure its flux scale on"
-                results.append(res)
-                continue
-            res.warped = channels / np.float32(res.flux_scale)
-        lum_resid, lum_sky = sky_residual(luminance(res.warped))
-        res.noise_adu = aperture_noise(lum_resid, lum_sky)
-        if not np.isfinite(res.noise_adu) or res.noise_adu <= 0:
-            res.status, res.reason = "rejected", "too little empty sky to measure its noise"
+            res = join_night(night, ref, stars[night.name], stars[ref_name],
+                             luminance(ref_planes), fwhm, reg_cfg)
+        if res.status != "rejected":
+            measure_noise(res)
         results.append(res)
     used = [r for r in results if r.status != "rejected"]
+    if not used:
+        raise NightstackError("combine: no night could be combined: " + "; ".join(
+            f"{r.name}: {r.reason}" for r in results))
     weights = np.array([1.0 / r.noise_adu**2 for r in used])
     for r, w in zip(used, weights / weights.sum()):
         r.weight = float(w)
     image = combine_planes([r.warped for r in used], weights, [r.warped.shape[0] == 3 for r in used])
-    image += (levels if len(levels) == image.shape[0] else np.full(image.shape[0], levels.mean())
-              ).reshape(-1, 1, 1).astype(np.float32)
-    return image, results, ref_name
+    if len(levels) != image.shape[0]:  # a mono reference under a colour result: grey sky
+        levels = np.full(image.shape[0], levels.mean())
+    return image + levels.reshape(-1, 1, 1).astype(np.float32), results, ref_name
 
 
 def expected_noise(results: list) -> float:

@@ -100,6 +100,15 @@ def test_a_night_without_common_stars_is_left_out_with_its_reason():
     assert image.shape == a.image.shape and np.isfinite(image).all()
 
 
+def test_mono_reference_night_with_a_colour_night_gives_colour_on_the_mono_grid():
+    a, b = two_nights()
+    image, results, ref = combine_nights([a, b])  # auto: B (wider, more stars) is the reference
+    assert ref == "b" and image.shape == (3, CAM_B.height_px, CAM_B.width_px)
+    res_a = next(r for r in results if r.name == "a")
+    assert res_a.status == "accepted" and res_a.flux_scale == pytest.approx(
+        0.5 * (450.0 / 600.0) ** 2, rel=0.03)
+
+
 def test_mono_adds_to_luminance_and_colour_comes_from_colour_nights():
     colour = np.stack([np.full((4, 5), v, np.float32) for v in (1.0, 2.0, 3.0)])
     mono = np.full((1, 4, 5), 4.0, np.float32)
@@ -116,7 +125,7 @@ def test_reference_choice():
     nights = [NightStack(n, np.zeros((1, 2, 2)), CAM_A) for n in ("n1", "n2", "n3")]
     assert choose_reference(nights, {"n1": 10, "n2": 30, "n3": 30}) == "n2"
     assert choose_reference(nights, {"n1": 10, "n2": 30, "n3": 5}, "n3") == "n3"
-    with pytest.raises(ValueError, match="nope"):
+    with pytest.raises(NightstackError, match="nope"):
         choose_reference(nights, {"n1": 1, "n2": 1, "n3": 1}, "nope")
 
 
