@@ -84,6 +84,7 @@ def test_night_of_another_sky_is_left_out_with_its_reason(combined):
     work, _ = combined
     sol = read_json(work / "results" / "combined" / "solution.json")
     other = next(n for n in sol["nights"] if n["night"] == "other")
+    print(f"night 'other' left out: {other['reason']}")
     assert other["status"] == "rejected"
     assert "common" in other["reason"] or "match" in other["reason"], other["reason"]
     assert sol["n_used"] == 2
