@@ -148,8 +148,8 @@ def test_aperture_noise_of_white_noise():
 
 
 def test_demo_second_camera_sees_the_same_stars(tmp_path):
-    small = dict(n_lights=2, n_biases=1, n_darks=1, n_flats=1, n_stars=300, satellite_frame=-1,
-                 n_hot_pixels=5)
+    small = {"n_lights": 2, "n_biases": 1, "n_darks": 1, "n_flats": 1, "n_stars": 300,
+             "satellite_frame": -1, "n_hot_pixels": 5}
     cfg_a = demo.DemoConfig(width_px=200, height_px=150, focal_px=300.0, seed=3,
                             sky_radius_deg=45.0, **small)
     cfg_b = demo.DemoConfig(width_px=160, height_px=120, focal_px=220.0, seed=4, roll_deg=25.0,

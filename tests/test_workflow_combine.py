@@ -11,6 +11,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 from astropy.io import fits
+from workflow_helpers import fwhm_at, read_stack, snakemake, write_config
 
 from nightstack.camera import Camera, apply_homography, map_ref_to_frame
 from nightstack.combine import aperture_noise, sky_residual
@@ -19,11 +20,10 @@ from nightstack.io import read_json
 from nightstack.matching import mutual_nearest
 from nightstack.stars import detect_stars
 
-from workflow_helpers import fwhm_at, read_stack, snakemake, write_config
-
 pytestmark = pytest.mark.workflow
 
-SMALL = dict(n_lights=6, n_biases=4, n_darks=4, n_flats=4, satellite_frame=-1, n_hot_pixels=40)
+SMALL = {"n_lights": 6, "n_biases": 4, "n_darks": 4, "n_flats": 4, "satellite_frame": -1,
+         "n_hot_pixels": 40}
 COLOUR = DemoConfig(width_px=800, height_px=533, focal_px=1200.0, seed=11, n_stars=800,
                     sky_radius_deg=35.0, **SMALL)
 # the same seeing on the sky: the mono camera's larger pixels see smaller stars (in px)
@@ -171,3 +171,49 @@ def test_combined_image_is_as_sharp_as_the_sharper_night(combined):
     print(f"FWHM: colour {colour_fwhm:.2f}, mono {mono_fwhm:.2f} (native {mono_native:.2f}, "
           f"{mono_sol['camera']['focal_px']:.0f} px focal), combined {combined_fwhm:.2f} px")
     assert combined_fwhm <= 1.10 * min(colour_fwhm, mono_fwhm)
+
+
+# --------------------------------------------------------------------------- real frames
+
+SEESTAR_SESSIONS = {"s2024": "_20240730-", "s2025": "_20250630-"}  # two units, two sites
+
+
+@pytest.fixture(scope="module")
+def seestar_sessions(tmp_path_factory):
+    """The two Seestar S50 sessions of NGC 7023 as two nights (links to ../shared, no copies)."""
+    from conftest import shared_dataset
+
+    data = shared_dataset("seestar_ngc7023_s50")
+    work = tmp_path_factory.mktemp("combine_real")
+    nights = {}
+    for night, tag in SEESTAR_SESSIONS.items():
+        folder = work / "nights" / night
+        folder.mkdir(parents=True)
+        for light in sorted(data.glob(f"Light*{tag}*.fit")):
+            (folder / light.name).symlink_to(light)
+        nights[night] = str(folder)
+    write_config(work, nights=nights)
+    snakemake(work, timeout=2400)
+    return work / "results"
+
+
+@pytest.mark.realdata
+def test_real_sessions_of_two_units_combine(seestar_sessions):
+    sol = read_json(seestar_sessions / "combined" / "solution.json")
+    by_name = {n["night"]: n for n in sol["nights"]}
+    other = next(n for n in by_name.values() if n["status"] != "reference")
+    assert other["status"] == "accepted", other["reason"]
+    assert other["matched_stars"] >= 50 and other["residual_rms_px"] < 0.3
+    assert 120.0 < other["angle_deg"] < 123.0  # the field rotation between the sessions
+    with fits.open(seestar_sessions / "combined" / "stack.fits") as hdul:
+        image = np.asarray(hdul[0].data, dtype=np.float32)
+        both = np.asarray(hdul["COVERAGE"].data) == 6
+    resid, sky = sky_residual(np.where(both, image.mean(axis=0), np.nan))
+    measured = aperture_noise(resid, sky & both)
+    noise = [n["noise_adu"] for n in by_name.values()]
+    expected = 1.0 / np.sqrt(sum(1.0 / v**2 for v in noise))
+    print(f"Seestar sessions: {other['night']} -> {sol['reference']}: {other['angle_deg']:.2f} deg, "
+          f"{other['matched_stars']} stars, RMS {other['residual_rms_px']:.3f} px; noise "
+          f"{noise} -> {measured:.2f} ADU (expected {expected:.2f})")
+    assert measured < min(noise)
+    assert measured == pytest.approx(expected, rel=0.15)
