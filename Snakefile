@@ -17,6 +17,7 @@ include: "rules/stars.smk"
 include: "rules/register.smk"
 include: "rules/stack.smk"
 include: "rules/report.smk"
+include: "rules/combine.smk"
 
 
 rule all:

@@ -163,11 +163,32 @@ def frame_ids(paths) -> dict[str, Path]:
 
 def demo_inventory(folder, demo_cfg) -> dict[str, list[Path]]:
     """The files the demo generator will write into ``folder``, by kind (before they exist)."""
-    from .demo import calibration_names, light_names
+    from .demo import calibration_names, frame_suffix, light_names
 
     folder = Path(folder)
     counts = {"bias": demo_cfg.n_biases, "dark": demo_cfg.n_darks, "flat": demo_cfg.n_flats, "darkflat": 0}
     found = {"light": [folder / "lights" / n for n in light_names(demo_cfg)]}
     for kind in CALIBRATION_KINDS:
-        found[kind] = [folder / KIND_FOLDERS[kind][0] / n for n in calibration_names(kind, counts[kind])]
+        found[kind] = [folder / KIND_FOLDERS[kind][0] / n for n in calibration_names(kind, counts[kind], frame_suffix(demo_cfg))]
     return found
+
+
+COMBINED_NAME = "combined"  # results/combined/ holds the nights combined
+
+
+def check_combine(config: dict, nights) -> None:
+    """NightstackError when several nights cannot be combined as configured: a night called
+    'combined' (its results would collide) or a reference night that is not listed."""
+    if len(nights) < 2:
+        return
+    if COMBINED_NAME in nights:
+        raise NightstackError(
+            f"nights: a night called '{COMBINED_NAME}' would share results/{COMBINED_NAME}/ "
+            "with the combined image; name it otherwise (mapping name -> folder)"
+        )
+    reference = str(config.get("combine", {}).get("reference", "auto"))
+    if reference != "auto" and reference not in nights:
+        raise NightstackError(
+            f"combine: reference night '{reference}' is not one of the nights "
+            f"({', '.join(nights)})"
+        )

@@ -117,19 +117,29 @@ class DemoConfig:
     cfa_pattern: str = "RGGB"
     white_level: int = 16383  # 14-bit sensor
     landscape: bool = False  # a fixed foreground (hills, trees, a pole) over the bottom
+    # A second camera of the same sky (nights combined into one image):
+    roll_deg: float = 0.0  # extra roll of the camera about its optical axis (deg)
+    mono: bool = False  # a monochrome sensor (no Bayer filter): frames are written as FITS
+    sky: dict | None = None  # DemoConfig fields of the night whose stars this night sees
+    sky_radius_deg: float = 0.0  # the star field covers at least this radius about the axis
 
 
 # ----------------------------------------------------------------------------- names
 
 
+def frame_suffix(cfg: DemoConfig) -> str:
+    """File suffix of the demo's frames: DNG for a colour (Bayer) camera, FITS for mono."""
+    return ".fits" if cfg.mono else ".dng"
+
+
 def light_names(cfg: DemoConfig) -> list[str]:
     """File names (in lights/) that generate_night writes, in frame order."""
-    return [f"light_{k:03d}.dng" for k in range(cfg.n_lights)]
+    return [f"light_{k:03d}{frame_suffix(cfg)}" for k in range(cfg.n_lights)]
 
 
-def calibration_names(kind: str, count: int) -> list[str]:
+def calibration_names(kind: str, count: int, suffix: str = ".dng") -> list[str]:
     """File names of ``count`` calibration frames of ``kind`` ("bias", "dark", "flat")."""
-    return [f"{kind}_{k:03d}.dng" for k in range(count)]
+    return [f"{kind}_{k:03d}{suffix}" for k in range(count)]
 
 
 # ----------------------------------------------------------------------------- config
@@ -161,6 +171,8 @@ def check_config(cfg: DemoConfig) -> None:
         raise NightstackError("demo: need 0 < bias_adu < white_level <= 65535")
     if cfg.n_hot_pixels > cfg.width_px * cfg.height_px // 4:
         raise NightstackError("demo: too many hot pixels for the frame size")
+    if cfg.sky is not None and DemoConfig(**cfg.sky).sky is not None:
+        raise NightstackError("demo: sky names a night that itself borrows another's sky")
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -184,7 +196,7 @@ def frame_times_s(cfg: DemoConfig) -> np.ndarray:
 
 def frame_rotations(cfg: DemoConfig) -> list[np.ndarray]:
     """R_k = R_0 Rot(pole, omega t_k): equatorial -> camera directions of light k."""
-    r0 = reference_rotation()
+    r0 = rotation_matrix([0.0, 0.0, np.radians(cfg.roll_deg)]) @ reference_rotation()
     return [r0 @ rotation_matrix([0.0, 0.0, SIDEREAL_RATE_RAD_S * t]) for t in frame_times_s(cfg)]
 
 
@@ -299,7 +311,7 @@ def draw_star_field(rng, cfg: DemoConfig, cameras, rotations):
     over every other light's field plus a margin.
     """
     span = SIDEREAL_RATE_RAD_S * abs(frame_times_s(cfg)[-1])
-    radius = field_radius_rad(cameras, span)
+    radius = max(field_radius_rad(cameras, span), np.radians(cfg.sky_radius_deg))
     cam0 = cameras[0]
     cap_sr = 2.0 * np.pi * (1.0 - np.cos(radius))
     frame_sr_guess = cam0.width_px * cam0.height_px / cam0.focal_px**2
@@ -314,7 +326,8 @@ def draw_star_field(rng, cfg: DemoConfig, cameras, rotations):
     # Cut where frame 0 holds exactly n_stars so the density matches n_stars everywhere.
     stop = np.searchsorted(np.cumsum(in_frame0), cfg.n_stars) + 1 if cfg.n_stars > 0 else 0
     directions, in_frame0 = directions[:stop], in_frame0[:stop]
-    seen = np.zeros(len(directions), dtype=bool)
+    # a sky shared with other cameras (sky_radius_deg) keeps its whole cap
+    seen = np.full(len(directions), cfg.sky_radius_deg > 0)
     for camera, rotation in zip(cameras, rotations):
         xy, front = project(camera, rotation, directions)
         seen |= front & inside_frame(xy, camera, STAR_MARGIN_PX)
@@ -766,6 +779,28 @@ def write_dng(
     )
 
 
+def write_mono_fits(path, image_uint16, exptime_s, date_obs, model="demo mono camera") -> None:
+    """Write a mono raw frame (H, W) uint16 as FITS with EXPTIME (s), DATE-OBS and INSTRUME."""
+    from astropy.io import fits
+
+    if isinstance(date_obs, str):
+        date_obs = dt.datetime.fromisoformat(date_obs)
+    header = fits.Header()
+    header["EXPTIME"] = (float(exptime_s), "[s]")
+    header["DATE-OBS"] = date_obs.strftime("%Y-%m-%dT%H:%M:%S")
+    header["INSTRUME"] = f"nightstack {model}"
+    fits.PrimaryHDU(np.asarray(image_uint16, dtype=np.uint16), header).writeto(path)
+
+
+def write_raw(path, mosaic_uint16, cfg: DemoConfig, exptime_s, date_obs) -> None:
+    """Write one raw frame as the demo camera does: DNG (Bayer) or FITS (mono)."""
+    if cfg.mono:
+        write_mono_fits(path, mosaic_uint16, exptime_s, date_obs)
+    else:
+        write_dng(path, mosaic_uint16, cfg.cfa_pattern, exptime_s, date_obs, cfg.bias_adu,
+                  cfg.white_level)
+
+
 # ----------------------------------------------------------------------------- the night
 
 
@@ -801,20 +836,12 @@ def write_calibration(folder: Path, cfg: DemoConfig, sensor: Sensor, transmissio
     ]
     for kind, subfolder, count, exptime_s, light_e in kinds:
         (folder / subfolder).mkdir()
-        for i, name in enumerate(calibration_names(kind, count)):
+        for i, name in enumerate(calibration_names(kind, count, frame_suffix(cfg))):
             signal = sensor.dark_e(shape, cfg, exptime_s)
             if light_e is not None:
                 signal += light_e
             mosaic = read_out(signal, frame_rng(cfg, kind, i), sensor, cfg)
-            write_dng(
-                folder / subfolder / name,
-                mosaic,
-                cfg.cfa_pattern,
-                exptime_s,
-                clock,
-                cfg.bias_adu,
-                cfg.white_level,
-            )
+            write_raw(folder / subfolder / name, mosaic, cfg, exptime_s, clock)
             clock += dt.timedelta(seconds=exptime_s + 2.0)  # one after the other, as shot
 
 
@@ -844,23 +871,41 @@ def write_lights(folder: Path, cfg: DemoConfig, scene: dict, sensor: Sensor) -> 
     (folder / "lights").mkdir()
     for k, name in enumerate(light_names(cfg)):
         date_obs = NIGHT_START + dt.timedelta(seconds=float(frame_times_s(cfg)[k]))
-        write_dng(
-            folder / "lights" / name,
-            render_light(k, cfg, scene, sensor),
-            cfg.cfa_pattern,
-            cfg.exptime_s,
-            date_obs,
-            cfg.bias_adu,
-            cfg.white_level,
+        write_raw(folder / "lights" / name, render_light(k, cfg, scene, sensor), cfg, cfg.exptime_s, date_obs)
+
+
+def shared_star_field(cfg: DemoConfig, cameras, rotations):
+    """The star field of the night ``cfg.sky`` describes (drawn exactly as that night draws
+    it), for a night of another camera under the same sky: directions (N, 3), fluxes (N,, e),
+    colours (N, 3). NightstackError if this night's field reaches beyond that star field."""
+    sky_cfg = DemoConfig(**cfg.sky)
+    sky_cameras, sky_rotations = frame_cameras(sky_cfg), frame_rotations(sky_cfg)
+    span = SIDEREAL_RATE_RAD_S * abs(frame_times_s(sky_cfg)[-1])
+    sky_radius = max(field_radius_rad(sky_cameras, span), np.radians(sky_cfg.sky_radius_deg))
+    axis = np.array([0.0, 0.0, 1.0])
+    apart = np.arccos(np.clip((rotations[0].T @ axis) @ (sky_rotations[0].T @ axis), -1, 1))
+    own = field_radius_rad(cameras, SIDEREAL_RATE_RAD_S * abs(frame_times_s(cfg)[-1]))
+    if own + apart > sky_radius:
+        raise NightstackError(
+            f"demo: this camera sees {np.degrees(own + apart):.1f} deg from the sky night's axis "
+            f"but its star field reaches {np.degrees(sky_radius):.1f} deg; raise sky_radius_deg"
         )
+    rng = np.random.default_rng(sky_cfg.seed)
+    return draw_star_field(rng, sky_cfg, sky_cameras, sky_rotations)
 
 
 def build_scene(cfg: DemoConfig) -> dict:
     """Everything fixed over the night: geometry, stars, sky, optics, satellite, sensor."""
     rng = np.random.default_rng(cfg.seed)
     cameras, rotations = frame_cameras(cfg), frame_rotations(cfg)
-    directions, flux_e, rgb = draw_star_field(rng, cfg, cameras, rotations)
-    channel_map = cfa_channel_map(cfg.cfa_pattern, cfg.height_px, cfg.width_px)
+    if cfg.sky is None:
+        directions, flux_e, rgb = draw_star_field(rng, cfg, cameras, rotations)
+    else:
+        directions, flux_e, rgb = shared_star_field(cfg, cameras, rotations)
+    if cfg.mono:  # every pixel sees the green band's response: one plane, no mosaic
+        channel_map = np.ones((cfg.height_px, cfg.width_px), dtype=np.int8)
+    else:
+        channel_map = cfa_channel_map(cfg.cfa_pattern, cfg.height_px, cfg.width_px)
     dust = draw_dust(rng, cfg.height_px, cfg.width_px)
     transmission = vignetting_map(cfg.height_px, cfg.width_px, cfg.vignetting) * dust_map(
         dust, cfg.height_px, cfg.width_px
@@ -921,6 +966,7 @@ def night_truth(cfg: DemoConfig, scene: dict, sensor: Sensor) -> dict:
             "k2": ref.k2,
         },
         "reference_frame": 0,
+        "sky_to_reference": rotations[0],  # equatorial -> camera directions of light 0
         "frames": frames,
         "pole_ref_px": pole_xy[0],
         "stars": stars,
@@ -1007,6 +1053,8 @@ def generate_night(folder, cfg: DemoConfig | None = None) -> dict:
       8-bit PNG, 255 = sky, pixel-centre test; read with read_sky_mask), ``ground_fraction``,
       ``mask_rule``, ``horizon_px`` (per column, y of the horizon), ``segments_px`` (trees,
       pole: x0, y0, x1, y1, width_px).
+    - ``sky_to_reference``: 3x3, equatorial -> camera directions of light 0 (nights sharing a
+      sky, ``DemoConfig.sky``, relate through it: night B's light 0 sees ``S_B S_A^T`` of A's).
     """
     cfg = cfg if cfg is not None else DemoConfig()
     check_config(cfg)

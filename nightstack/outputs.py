@@ -30,8 +30,10 @@ _FITS_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")
 
 
 def _to_hwc(image) -> np.ndarray:
-    """(H, W) -> (H, W); (3, H, W) -> (H, W, 3). Anything else is an error."""
+    """(H, W) or mono (1, H, W) -> (H, W); (3, H, W) -> (H, W, 3). Anything else is an error."""
     img = np.asarray(image)
+    if img.ndim == 3 and img.shape[0] == 1:
+        img = img[0]
     if img.ndim == 2:
         return img
     if img.ndim == 3 and img.shape[0] == 3:

@@ -103,12 +103,16 @@ def pixel_rays(xy: np.ndarray, camera: Camera) -> np.ndarray:
     return rays / np.linalg.norm(rays, axis=1, keepdims=True)
 
 
-def _fit_pose(ref_xy, frame_xy, sigma, ref_camera, rotvec0, zoom0, fit_zoom):
-    """Weighted least squares of rotation (+ zoom) on pixel residuals; returns (rotvec, zoom)."""
+def _fit_pose(ref_xy, frame_xy, sigma, ref_camera, rotvec0, zoom0, fit_zoom, frame_camera=None):
+    """Weighted least squares of rotation (+ zoom) on pixel residuals; returns (rotvec, zoom).
+
+    The frame's camera is ``frame_camera`` (default: the reference camera) with its focal
+    length times zoom."""
+    base = frame_camera or ref_camera
 
     def residuals(p):
         zoom = np.exp(p[3]) if fit_zoom else zoom0
-        cam = ref_camera.with_focal(ref_camera.focal_px * zoom)
+        cam = base.with_focal(base.focal_px * zoom)
         pred = map_ref_to_frame(ref_xy, ref_camera, cam, Rotation.from_rotvec(p[:3]).as_matrix())
         return ((pred - frame_xy) / sigma[:, None]).ravel()
 
@@ -124,8 +128,14 @@ def estimate_pose(
     ref_camera: Camera,
     cfg: RegistrationConfig = RegistrationConfig(),
     match_cfg: MatchConfig = MatchConfig(),
+    frame_camera: Camera | None = None,
 ) -> Pose:
-    """Register a frame's stars on the reference stars (same image size assumed)."""
+    """Register a frame's stars on the reference stars.
+
+    The frame is seen by ``frame_camera`` (size, focal length, distortion; default: the
+    reference camera) whose focal length is refined as ``zoom`` (Pose.zoom multiplies
+    frame_camera.focal_px)."""
+    base = frame_camera or ref_camera
     if len(frame.xy) < 3:
         return rejected(f"only {len(frame.xy)} stars detected")
     coarse = match_coarse(frame.xy, ref.xy, match_cfg)
@@ -136,17 +146,17 @@ def estimate_pose(
     i_f, i_r = mutual_nearest(moved, ref.xy, match_cfg.score_radius_px * 1.5)
     if len(i_f) < cfg.min_pairs:
         return rejected(f"only {len(i_f)} stars match the reference (need {cfg.min_pairs})")
-    zoom = 1.0 / coarse.transform.scale
-    frame_cam = ref_camera.with_focal(ref_camera.focal_px * zoom)
+    zoom = ref_camera.focal_px / (coarse.transform.scale * base.focal_px)
+    frame_cam = base.with_focal(base.focal_px * zoom)
     rot = wahba_rotation(pixel_rays(ref.xy[i_r], ref_camera), pixel_rays(frame.xy[i_f], frame_cam))
     rotvec = Rotation.from_matrix(rot).as_rotvec()
     radius = match_cfg.score_radius_px
     for _ in range(4):
         sigma = np.hypot(frame.sigma_px[i_f], ref.sigma_px[i_r])
         rotvec, zoom = _fit_pose(
-            ref.xy[i_r], frame.xy[i_f], sigma, ref_camera, rotvec, zoom, cfg.per_frame_focal
+            ref.xy[i_r], frame.xy[i_f], sigma, ref_camera, rotvec, zoom, cfg.per_frame_focal, base
         )
-        frame_cam = ref_camera.with_focal(ref_camera.focal_px * zoom)
+        frame_cam = base.with_focal(base.focal_px * zoom)
         pred = map_ref_to_frame(ref.xy, ref_camera, frame_cam, Rotation.from_rotvec(rotvec).as_matrix())
         resid = np.linalg.norm(pred[i_r] - frame.xy[i_f], axis=1)
         robust = 1.4826 * np.median(resid) if len(resid) else radius
@@ -155,8 +165,9 @@ def estimate_pose(
         if len(i_f) < cfg.min_pairs:
             return rejected(f"only {len(i_f)} stars match the reference (need {cfg.min_pairs})")
     sigma = np.hypot(frame.sigma_px[i_f], ref.sigma_px[i_r])
-    rotvec, zoom = _fit_pose(ref.xy[i_r], frame.xy[i_f], sigma, ref_camera, rotvec, zoom, cfg.per_frame_focal)
-    frame_cam = ref_camera.with_focal(ref_camera.focal_px * zoom)
+    rotvec, zoom = _fit_pose(ref.xy[i_r], frame.xy[i_f], sigma, ref_camera, rotvec, zoom,
+                             cfg.per_frame_focal, base)
+    frame_cam = base.with_focal(base.focal_px * zoom)
     pred = map_ref_to_frame(ref.xy[i_r], ref_camera, frame_cam, Rotation.from_rotvec(rotvec).as_matrix())
     resid = np.linalg.norm(pred - frame.xy[i_f], axis=1)
     rms = float(np.sqrt(np.mean(resid**2)))

@@ -722,3 +722,80 @@ def trails_step(night: str, calibrated: list, output, trails_params: dict) -> No
     write_stack_fits(output, image, hdr)
     write_json(Path(output).with_suffix(".json"), {"frames": [u[1] for u in used], "info": info})
     log.info("night %s: star trails from %d frames", night, len(used))
+
+
+# --------------------------------------------------------------------------- nights combined
+
+
+def _read_night_stack(night: str, stack_fits, solution_json):
+    """A night's stack.fits and solution.json -> (NightStack, header)."""
+    from astropy.io import fits
+
+    from .combine import NightStack, as_planes
+
+    cam = read_json(solution_json)["camera"]
+    camera = Camera(cam["width_px"], cam["height_px"], cam["focal_px"], cam["k1"], cam["k2"])
+    with fits.open(stack_fits) as hdul:
+        image = as_planes(hdul[0].data)
+        header = hdul[0].header.copy()
+    return NightStack(night, image, camera), header
+
+
+def _night_record(res, header) -> dict:
+    """The combined solution.json entry of one night."""
+    rec = {"night": res.name, "status": res.status, "reason": res.reason,
+           "n_frames": int(header.get("NCOMBINE", 0)), "n_stars": res.n_stars}
+    if res.status == "rejected":
+        return rec
+    from .combine import rotation_record
+
+    cam = res.camera
+    rec.update(camera={"width_px": cam.width_px, "height_px": cam.height_px,
+                       "focal_px": cam.focal_px, "k1": cam.k1, "k2": cam.k2},
+               channels="RGB" if res.warped.shape[0] == 3 else "L",
+               **rotation_record(res.pose), zoom=res.pose.zoom,
+               matched_stars=res.pose.n_pairs, residual_rms_px=_num(res.pose.rms_px),
+               flux_scale=_num(res.flux_scale), noise_adu=_num(res.noise_adu), weight=res.weight)
+    return rec
+
+
+def combine_step(stacks: dict, solutions: dict, out_fits, out_json, combine_params: dict,
+                 star_params: dict, reg_params: dict) -> None:
+    """Register every night's stack on the reference night's, combine weighted by noise; write
+    the combined linear stack and results/combined/solution.json (see nightstack.combine)."""
+    from .combine import combine_nights, expected_noise
+    from .outputs import frame_names_from_header, stack_header, write_stack_fits
+
+    loaded = {n: _read_night_stack(n, stacks[n], solutions[n]) for n in stacks}
+    params = {k: v for k, v in star_params.items() if k != "cfa_presmooth_px"}
+    image, results, ref_name = combine_nights(
+        [night for night, _ in loaded.values()], combine_params.get("reference", "auto"),
+        star_config_from_dict(params), registration_config(reg_params))
+    headers = {n: h for n, (_, h) in loaded.items()}
+    used = [r for r in results if r.status != "rejected"]
+    coverage = sum(int(headers[r.name].get("NCOMBINE", 1)) * np.isfinite(r.warped).all(axis=0)
+                   for r in used)
+    frames = [f"{r.name}/{f}" for r in used for f in frame_names_from_header(headers[r.name])]
+    dates = sorted(str(headers[r.name][k]) for r in used for k in ("DATE-BEG", "DATE-END")
+                   if k in headers[r.name])
+    exptimes = [float(headers[r.name]["EXPTIME"]) for r in used if "EXPTIME" in headers[r.name]]
+    hdr = stack_header({
+        "software_version": SOFTWARE, "n_frames": len(frames), "frames": frames,
+        "total_exptime_s": float(np.sum(exptimes)) if exptimes else None,
+        "date_obs_start": dates[0] if dates else None, "date_obs_end": dates[-1] if dates else None,
+        "method": "nights combined, noise-weighted", "night": "combined", "reference": ref_name,
+    })
+    write_stack_fits(out_fits, image, hdr, coverage=coverage)
+    for r in results:
+        if r.status == "rejected":
+            log.warning("combined: night %s left out: %s", r.name, r.reason)
+    write_json(out_json, {
+        "software": SOFTWARE, "reference": ref_name,
+        "convention": ("rotation turns reference-night camera directions into this night's; "
+                       "pixels 0-based, x = column; values in the reference night's flux units"),
+        "mono_colour_rule": "L = noise-weighted mean of all nights; colour (channel - L) from "
+                            "the colour nights only",
+        "expected_noise_adu": expected_noise(results), "n_nights": len(results),
+        "n_used": len(used), "nights": [_night_record(r, headers[r.name]) for r in results],
+    })
+    log.info("combined %d of %d nights on the grid of night %s", len(used), len(results), ref_name)

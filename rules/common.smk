@@ -43,6 +43,7 @@ def demo_config():
 
 try:
     NIGHTS, FRAMES, CALIB = _load_nights()
+    ns_config.check_combine(config, NIGHTS)
 except NightstackError as exc:
     raise WorkflowError(f"nightstack: {exc}")
 
@@ -60,10 +61,30 @@ def night_dir(night):
     return f"{RESULTS}/{night}"
 
 
+def combining():
+    """Nights are combined when there are several and they are stacked (not star trails)."""
+    return len(NIGHTS) > 1 and config.get("mode", "deep") == "deep"
+
+
 def final_outputs():
-    return [
+    nights = [
         f"{night_dir(n)}/stack.{ext}" for n in NIGHTS for ext in ("fits", "tif", "png")
     ]
+    combined = [f"{RESULTS}/combined/stack.{ext}" for ext in ("fits", "tif", "png")]
+    return nights + (combined if combining() else [])
+
+
+def night_stacks(wildcards):
+    return [f"{night_dir(n)}/stack.fits" for n in NIGHTS]
+
+
+def night_solutions(wildcards):
+    return [f"{night_dir(n)}/solution.json" for n in NIGHTS]
+
+
+def combine_mem_mb(wildcards, attempt):
+    """Each night's stack, its warp and work copies (about 1.5 GB for a 24 MP colour night)."""
+    return 1000 + 1500 * len(NIGHTS) * attempt
 
 
 def light_file(wildcards):
