@@ -442,6 +442,7 @@ def bundle_adjust(tracks: Tracks, poses: list[Pose], ref_camera: Camera, focal_g
         frame_rms[k] = float(np.sqrt(np.mean(e**2))) if len(e) else np.nan
     r = np.linalg.norm(xy - centre, axis=1) / np.linalg.norm(centre)
     inlier = err < max(5 * 1.4826 * np.median(err), 1.0)
+    # outer third: beyond 2/3 of the half-diagonal (31 % of a 3:2 frame's area); centre: within 1/3
     outer, inner = inlier & (r > 2 / 3), inlier & (r < 1 / 3)
     rms_outer = float(np.sqrt(np.mean(err[outer] ** 2))) if outer.sum() >= 10 else float("nan")
     rms_centre = float(np.sqrt(np.mean(err[inner] ** 2))) if inner.sum() >= 10 else float("nan")

@@ -10,17 +10,15 @@ Three small nights share their runs:
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from astropy.io import fits
-
-from nightstack.background import star_mask, large_scale_residual
-from nightstack.camera import Camera, map_ref_to_frame
-from nightstack.io import read_json
-
 from test_background import aperture_flux
 from workflow_helpers import snakemake, write_config
+
+from nightstack.background import large_scale_residual, star_mask
+from nightstack.camera import Camera, map_ref_to_frame
+from nightstack.io import read_json
 
 pytestmark = pytest.mark.workflow
 
