@@ -29,6 +29,20 @@ N_FRAMES = {"seestar": 6, "als": 6, "panoptes": 2, "dslr": 2}
 ALS_GAP = pytest.mark.xfail(reason="issue 2 acceptance not met on als_m27: see ALS_GAP note", strict=False)
 
 
+# Measured, not met: the issue's wide-lens figure (outer-third residual <= 0.3 px and <= 1.2x the
+# centre's) on dslr_canon_jpeg_pair. The pair shares only ~14 stars at the registration's S/N
+# (15); none of them lies in the outer third (the 26 outer detections of the first frame have no
+# counterpart within 5 px in the second: hot pixels and JPEG noise), so rms_outer_px is not
+# measurable (null) and distortion cannot be estimated. Its rotation is also almost about the
+# optical axis (pole ~12 degrees from the centre), which radial distortion does not change.
+DSLR_GAP = pytest.mark.xfail(reason="no matched stars in the outer third of the DSLR pair: see DSLR_GAP", strict=False)
+# The DSLR pair's frames share ~14 stars above S/N 15; its JPEGs carry more hot pixels than that
+# (no darks), which earlier matched as a false, static registration with 20 "pairs".
+MIN_PAIRS = {"dslr": 12}
+SIDEREAL_RATE_RAD_S = 7.2921e-5
+DSLR_INTERVAL_S = 61.0  # 01:51:10 -> 01:52:11 from the file names (the JPEGs carry no EXIF)
+
+
 def known_gap(night):
     return pytest.param(night, marks=ALS_GAP) if night == "als" else night
 
@@ -49,7 +63,23 @@ def test_every_frame_registers(real_run, night):
     for rec in sol["frames"]:
         assert rec["status"] == "accepted", rec
         assert rec["residual_rms_px"] <= 0.3, (rec["file"], rec["residual_rms_px"])
-        assert rec["pairs_matched"] >= 15
+        assert rec["pairs_matched"] >= MIN_PAIRS.get(night, 15)
+
+
+def test_dslr_pair_turns_with_the_sky(real_run):
+    """A fixed tripod sees the sky turn by the sidereal rate x the interval (whatever the pointing):
+    the registration must follow the stars, not the hot pixels that stay put (angle 0)."""
+    sol = read_json(real_run / "dslr" / "solution.json")
+    other = next(r for r in sol["frames"] if not r["reference"])
+    angle_rad = float(np.linalg.norm(other["rotvec"]))
+    assert angle_rad == pytest.approx(SIDEREAL_RATE_RAD_S * DSLR_INTERVAL_S, rel=0.1), angle_rad
+
+
+@DSLR_GAP
+def test_dslr_outer_third_fits_like_the_centre(real_run):
+    bundle = read_json(real_run / "dslr" / "solution.json")["bundle"]
+    assert bundle["rms_outer_px"] is not None, bundle
+    assert bundle["rms_outer_px"] <= 0.3 and bundle["rms_outer_px"] <= 1.2 * bundle["rms_centre_px"], bundle
 
 
 def test_seestar_sessions_are_121_degrees_apart(real_run):
