@@ -302,6 +302,7 @@ def _block_background(plane: np.ndarray, block: int = BACKGROUND_BLOCK_PX) -> np
     # one contiguous row of block*block values per tile: a partial sort finds its median
     tiles = np.array(tiles.transpose(0, 2, 1, 3), copy=True).reshape(n_y, n_x, block * block)
     grid = _nanmedian_last_axis(tiles)
+    del tiles
     known = np.isfinite(grid)
     if not known.all():  # tiles without a single usable pixel take the overall level
         grid = np.where(known, grid, np.median(grid[known]) if known.any() else 0.0)
@@ -727,10 +728,11 @@ def find_outlier_pixels(mosaic: np.ndarray, cfa_pattern, sigma: float = 10.0,
     image = np.asarray(mosaic, dtype=np.float32)
     pattern = _check_pattern(cfa_pattern)
     if image.ndim == 3:
-        return np.stack([
-            find_outlier_pixels(image[c], None, sigma, None if ignore is None else ignore[c])
-            for c in range(image.shape[0])
-        ])  # fmt: skip
+        outliers = np.empty(image.shape, dtype=bool)
+        for c in range(image.shape[0]):
+            skip = None if ignore is None else ignore[c]
+            outliers[c] = find_outlier_pixels(image[c], None, sigma, skip)
+        return outliers
     step = _same_colour_step(pattern)
     excess, noise = _excess_and_noise(image, pattern, ignore)
     brightest_neighbour = _ring_maximum(excess)
@@ -758,7 +760,11 @@ def _excess_and_noise(image: np.ndarray, pattern, ignore) -> tuple[np.ndarray, n
     excess = np.empty_like(image)
     noise = np.zeros((step, step), dtype=np.float32)
     for _, index in colour_planes(image.shape, pattern):
-        plane = np.array(image[index], dtype=np.float32, copy=True)
+        if step == 1:  # mono: work in the output itself
+            np.copyto(excess, image)
+            plane = excess
+        else:  # a contiguous copy of this CFA phase: faster than strided views
+            plane = np.array(image[index], dtype=np.float32, copy=True)
         unusable = ~np.isfinite(plane)
         if ignore is not None:
             unusable |= ignore[index]
@@ -766,7 +772,8 @@ def _excess_and_noise(image: np.ndarray, pattern, ignore) -> tuple[np.ndarray, n
         phase = (0, 0) if step == 1 else (index[0].start, index[1].start)
         noise[phase] = _plane_noise(plane)
         plane -= _block_background(plane)
-        excess[index] = plane
+        if step != 1:
+            excess[index] = plane
     return excess, noise
 
 
@@ -774,9 +781,9 @@ def _ring_maximum(image: np.ndarray) -> np.ndarray:
     """Largest of each pixel's 8 immediate neighbours (borders mirrored); NaN neighbours are
     ignored, -inf where all 8 are NaN. float32 (H, W).
 
-    Separable: the left/right neighbours, then the 3-wide row maxima of the rows above and
-    below, combined with np.fmax (exact, and the same values as ndimage.maximum_filter with
-    a ring footprint on the image with NaN set to -inf).
+    Separable, in bands of RING_BAND_ROWS rows: the left/right neighbours, then the 3-wide
+    row maxima of the rows above and below, combined with np.fmax. Exact: the values of
+    ndimage.maximum_filter with a ring footprint on the image with NaN set to -inf.
     """
     height, width = image.shape
     if min(height, width) < 2:
@@ -785,31 +792,43 @@ def _ring_maximum(image: np.ndarray) -> np.ndarray:
         finite_or_low = np.where(np.isnan(image), -np.inf, image)
         return ndimage.maximum_filter(finite_or_low, footprint=footprint, mode="mirror")
     ring = np.empty_like(image)
-    np.fmax(image[:, :-2], image[:, 2:], out=ring[:, 1:-1])
-    ring[:, 0] = image[:, 1]
-    ring[:, -1] = image[:, -2]
-    row_max = np.fmax(ring, image)  # max over x-1, x, x+1
-    np.fmax(ring[1:-1], row_max[:-2], out=ring[1:-1])
-    np.fmax(ring[1:-1], row_max[2:], out=ring[1:-1])
-    np.fmax(ring[0], row_max[1], out=ring[0])
-    np.fmax(ring[-1], row_max[-2], out=ring[-1])
-    del row_max
-    ring[np.isnan(ring)] = -np.inf
+    for start in range(0, height, RING_BAND_ROWS):
+        stop = min(start + RING_BAND_ROWS, height)
+        padded = image[_mirror_index(np.arange(start - 1, stop + 1), height)]
+        sides = np.empty_like(padded)  # max of the left and right neighbours
+        np.fmax(padded[:, :-2], padded[:, 2:], out=sides[:, 1:-1])
+        sides[:, 0] = padded[:, 1]
+        sides[:, -1] = padded[:, -2]
+        row_max = np.fmax(sides, padded)  # max over x-1, x, x+1
+        band = ring[start:stop]
+        np.fmax(sides[1:-1], row_max[:-2], out=band)
+        np.fmax(band, row_max[2:], out=band)
+        band[np.isnan(band)] = -np.inf
     return ring
 
 
 def _spike_candidates(excess, brightest_neighbour, noise, sigma) -> tuple[np.ndarray, np.ndarray]:
     """(ys, xs) of the pixels that can pass find_outlier_pixels' tests: above their brightest
-    immediate neighbour by more than half of ``sigma`` noise sigmas (and by more than 0)."""
+    immediate neighbour by more than half of ``sigma`` noise sigmas (and by more than 0).
+
+    ``noise`` is the (step, step) per-CFA-phase noise; rows are scanned in bands of
+    RING_BAND_ROWS (even, so each band starts on the same CFA row phase).
+    """
     step = noise.shape[0]
-    gap = np.subtract(excess, brightest_neighbour)
-    candidate = np.empty(excess.shape, dtype=bool)
-    for dy in range(step):
-        for dx in range(step):
-            threshold = max(0.0, 0.5 * float(sigma) * float(noise[dy, dx]))
-            np.greater(gap[dy::step, dx::step], threshold, out=candidate[dy::step, dx::step])
-    del gap
-    return np.nonzero(candidate)
+    thresholds = [[max(0.0, 0.5 * float(sigma) * float(n)) for n in row] for row in noise]
+    found_y, found_x = [], []
+    for start in range(0, excess.shape[0], RING_BAND_ROWS):
+        stop = min(start + RING_BAND_ROWS, excess.shape[0])
+        gap = np.subtract(excess[start:stop], brightest_neighbour[start:stop])
+        candidate = np.empty(gap.shape, dtype=bool)
+        for dy in range(step):
+            for dx in range(step):
+                cells = (slice(dy, None, step), slice(dx, None, step))
+                np.greater(gap[cells], thresholds[dy][dx], out=candidate[cells])
+        ys, xs = np.nonzero(candidate)
+        found_y.append(ys + start)
+        found_x.append(xs)
+    return np.concatenate(found_y), np.concatenate(found_x)
 
 
 # =========================================================================== calibration
