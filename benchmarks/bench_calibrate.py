@@ -14,8 +14,8 @@ threads of the process, so BLAS threads count; other work on the machine barely 
 unlike wall time), best of ``--repeat``; **peak MB** is the tracemalloc peak above the memory
 held before the call (numpy arrays are traced; LibRaw's and scipy's own C buffers are not).
 The whole steps (``master_step``, ``calibrate_step``: load, calibrate, background removal,
-FITS write) each run in a fresh ``python`` subprocess: wall s, cpu s and its max RSS in MB
-(2^20 bytes) as the OS reports it.
+FITS write) each run in a fresh ``python`` subprocess: wall s, cpu s and its peak resident
+memory in MB (2^20 bytes; Linux VmHWM, interpreter and imports included).
 
 ``remove_background`` (nightstack/background.py) is timed for its share of calibrate_step only;
 it is not a calibration kernel.
@@ -191,8 +191,13 @@ if args["step"] == "calibrate":
     calibrate_step(args["light"], args["out"], args["masters"], cfg["calibration"], cfg["background"])
 else:
     master_step(args["step"], args["frames"], args["out"], cfg["calibration"], bias=args.get("bias"))
+try:  # VmHWM: this process's own peak (ru_maxrss would carry the parent's over fork + exec)
+    with open("/proc/self/status") as fh:
+        peak_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "rss_mb": peak_kb / 1024}))
 """
 
 
