@@ -44,7 +44,8 @@ COMBINE_BAND_BYTES = 32 * 1024 * 1024
 BACKGROUND_BLOCK_PX = 16
 # axis-0 medians of at most this many values use a sorting network (see _sort_axis0_network)
 SORT_NETWORK_MAX = 12
-# rows per band of the ring median (keeps its ~20 band-sized temporaries in cache)
+# rows per band of the ring median/maximum and spike search (keeps temporaries in cache;
+# even, so every band starts on the same CFA row phase)
 RING_BAND_ROWS = 64
 
 
@@ -299,7 +300,7 @@ def _block_background(plane: np.ndarray, block: int = BACKGROUND_BLOCK_PX) -> np
     block = max(1, min(block, height, width))
     n_y, n_x = height // block, width // block
     tiles = plane[: n_y * block, : n_x * block].reshape(n_y, block, n_x, block)
-    # one contiguous row of block*block values per tile: a partial sort finds its median
+    # one contiguous row of block*block values per tile, sorted to find its median
     tiles = np.array(tiles.transpose(0, 2, 1, 3), copy=True).reshape(n_y, n_x, block * block)
     grid = _nanmedian_last_axis(tiles)
     del tiles
