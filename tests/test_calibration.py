@@ -1,6 +1,7 @@
 """Tests for nightstack.calibration against synthetic ground truth and real frames."""
 
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -506,3 +507,148 @@ def test_calibrate_scales_a_dark_of_another_temperature():
     raw_same = frame_of(light + 100, exptime_s=30.0, temp=19.0)
     notes = calibrate(raw_same, bias, dark, None, {"repair_outliers": False}).notes
     assert not any("degC" in n for n in notes) and any("dark scaled x0.5" in n for n in notes)
+
+
+# ------------------------------------------------------------------ fast kernels = reference
+
+RING = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=bool)
+SMALL_SHAPES = [(2, 2), (2, 7), (3, 3), (5, 2), (9, 11), (130, 67)]
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES)
+def test_ring_median_equals_rank_filter(shape):
+    rng = np.random.default_rng(11)
+    smooth = rng.normal(100, 5, shape).astype(np.float32)
+    quantised = np.round(smooth / 4).astype(np.float32)  # many ties
+    for plane in (smooth, quantised):
+        expected = ndimage.median_filter(plane, footprint=RING, mode="mirror")
+        assert np.array_equal(cal._ring_median(plane), expected)
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES + [(1, 5), (200, 3)])
+def test_ring_maximum_equals_maximum_filter_with_nan(shape):
+    rng = np.random.default_rng(12)
+    image = rng.normal(0, 1, shape).astype(np.float32)
+    image[rng.random(shape) < 0.3] = np.nan
+    if min(shape) >= 3:
+        image[1:4, 1:4] = np.nan  # a pixel whose 8 neighbours are all NaN
+        image[2, 2] = 5.0
+    expected = ndimage.maximum_filter(
+        np.where(np.isnan(image), -np.inf, image), footprint=RING, mode="mirror"
+    )
+    got = cal._ring_maximum(image)
+    assert np.array_equal(got, expected)
+    if min(shape) >= 3:
+        assert got[2, 2] == -np.inf
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 12, 13, 40])
+def test_nanmedian_helpers_match_numpy(n):
+    rng = np.random.default_rng(n)
+    values = rng.normal(0, 1, (n, 300)).astype(np.float32)
+    values[rng.random(values.shape) < 0.25] = np.nan
+    values[:, 0] = np.nan  # no valid value at all
+    values[:, 1] = 2.0  # all equal
+    with pytest.warns(RuntimeWarning):
+        expected = np.nanmedian(values.astype(np.float64), axis=0)
+    got = cal._nanmedian_axis0(values)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    assert np.isnan(got[0]) and got[1] == 2.0
+    untouched = values.copy()
+    cal._nanmedian_axis0(values)
+    assert np.array_equal(values, untouched, equal_nan=True)  # not overwritten by default
+    rows = np.ascontiguousarray(values.T)
+    assert np.array_equal(cal._nanmedian_last_axis(rows), got, equal_nan=True)
+    assert np.array_equal(cal._nanmedian_rows(values.T), got, equal_nan=True)
+
+
+def test_median_and_sigma_match_the_plain_formulas():
+    rng = np.random.default_rng(13)
+    values = rng.normal(3, 2, 10001).astype(np.float32)
+    values[::97] = np.nan
+    values[5] = np.inf
+    finite = values[np.isfinite(values)]
+    centre, sigma = cal._median_and_sigma(values)
+    assert centre == float(np.median(finite))
+    assert sigma == cal.MAD_TO_SIGMA * float(np.median(np.abs(finite - np.median(finite))))
+    assert cal._median_and_sigma(np.full(10, 7, np.float32)) == (7.0, 0.0)  # MAD 0: std
+    assert np.isnan(cal._median_and_sigma(np.full(3, np.nan, np.float32))[0])
+
+
+def outliers_by_full_test(mosaic, pattern, sigma):
+    """find_outlier_pixels as first written: every local maximum gets the full test."""
+    image = np.asarray(mosaic, dtype=np.float32)
+    step = 2 if pattern else 1
+    excess = np.empty_like(image)
+    noise = np.empty_like(image)
+    for _, index in cal.colour_planes(image.shape, pattern):
+        plane = np.where(np.isfinite(image[index]), image[index], np.nan).astype(np.float32)
+        excess[index] = plane - cal._block_background(plane)
+        noise[index] = cal._plane_noise(plane)
+    brightest = ndimage.maximum_filter(
+        np.where(np.isnan(excess), -np.inf, excess), footprint=RING, mode="mirror"
+    )
+    ys, xs = np.nonzero(excess > brightest)
+    values = excess[np.clip(ys[:, None] + step * np.array([-1, -1, -1, 0, 0, 1, 1, 1]), 0, None)
+                    .clip(None, image.shape[0] - 1),
+                    np.clip(xs[:, None] + step * np.array([-1, 0, 1, -1, 1, -1, 0, 1]), 0, None)
+                    .clip(None, image.shape[1] - 1)]  # fmt: skip
+    inside_y = (ys[:, None] + step * np.array([-1, -1, -1, 0, 0, 1, 1, 1]))
+    inside_x = (xs[:, None] + step * np.array([-1, 0, 1, -1, 1, -1, 0, 1]))
+    outside = (inside_y < 0) | (inside_y >= image.shape[0]) | (inside_x < 0) | (
+        inside_x >= image.shape[1]
+    )
+    values = np.where(outside, np.nan, values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        local = np.nanmedian(values, axis=1).astype(np.float32)
+    height = excess[ys, xs] - local
+    is_spike = (height > sigma * noise[ys, xs]) & (
+        brightest[ys, xs] - local <= cal._spike_neighbour_limit(height, noise[ys, xs])
+    )
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[ys[is_spike], xs[is_spike]] = True
+    return mask, ys.size
+
+
+@pytest.mark.parametrize("pattern", [None, "GRBG"])
+def test_outlier_candidates_do_not_change_the_mask(pattern):
+    """The cheap candidate test keeps every pixel the full test on all local maxima flags,
+    on a frame with undersampled stars, spikes of all heights and NaN holes."""
+    rng = np.random.default_rng(14)
+    height, width = 300, 260
+    stars = np.column_stack(
+        [rng.uniform(5, width - 5, 150), rng.uniform(5, height - 5, 150), rng.uniform(50, 8e4, 150)]
+    )
+    image = 300 + star_field(height, width, stars, 1.3, rng) + rng.normal(0, 6, (height, width))
+    ys, xs = rng.integers(0, height, 400), rng.integers(0, width, 400)
+    image[ys, xs] += rng.uniform(0, 400, 400)  # from below the threshold to far above it
+    image[rng.random(image.shape) < 0.002] = np.nan
+    image = image.astype(np.float32)
+    expected, n_maxima = outliers_by_full_test(image, pattern, 10.0)
+    got = find_outlier_pixels(image, pattern, 10.0)
+    assert 50 < expected.sum() < n_maxima / 20
+    assert np.array_equal(got, expected)
+
+
+def test_outlier_ignore_mask_is_the_same_as_nan():
+    rng = np.random.default_rng(15)
+    image = (200 + rng.normal(0, 5, (3, 120, 90))).astype(np.float32)
+    image[:, rng.integers(0, 120, 30), rng.integers(0, 90, 30)] += 500
+    ignore = rng.random(image.shape) < 0.01
+    as_nan = find_outlier_pixels(np.where(ignore, np.nan, image), None, 10.0)
+    assert as_nan.sum() > 40
+    assert np.array_equal(find_outlier_pixels(image, None, 10.0, ignore=ignore), as_nan)
+
+
+def test_calibrate_repairs_its_own_copy():
+    rng = np.random.default_rng(16)
+    data = (500 + rng.normal(0, 5, (64, 80))).astype(np.float32)
+    data[10, 20] = 60000.0
+    data[30, 31] = np.nan
+    raw = frame_of(data.copy())
+    result = calibrate(raw, None, None, None)
+    assert np.array_equal(raw.data, data, equal_nan=True)  # the loaded frame is untouched
+    assert result.n_repaired == 2
+    assert np.isfinite(result.data).all() and result.data.max() < 1000
