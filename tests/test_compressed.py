@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import yaml
 from astropy.io import fits
+from workflow_helpers import REPO
 
 from nightstack.camera import Camera, rotation_matrix
 from nightstack.errors import NightstackError
@@ -18,8 +19,6 @@ from nightstack.io import (
 from nightstack.stacking import FrameWarp, StackConfig, stack_frames
 from nightstack.steps import calibrate_step, stars_step
 from nightstack.trails import read_trail_frame
-
-from workflow_helpers import REPO
 
 SIGMA = 10.0  # ADU, pixel noise of the synthetic frames
 SHAPE = (3, 300, 500)
