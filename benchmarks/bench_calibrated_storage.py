@@ -8,10 +8,12 @@ output.calibrated_frames, one after the other on the same cores. Then, back to b
   (io.read_fits_image) and one 256 x 256 box (io.open_fits_data, as the stacker reads);
 - the stack step alone (steps.stack_step in a fresh process, best of 2, alternating formats),
   with that process's peak resident memory;
-- quality: stack noise in empty sky (robust, same mask for both), the stacks' difference in
-  units of that noise, per-frame star catalogs matched star by star (centroid shift over
-  FWHM / SNR, flux change over flux / SNR), and the stack FWHM on the reference frame's
-  bright stars;
+- quality: stack noise in empty sky (clipped std, same mask and limits for both), the
+  stacks' difference in units of that noise, the same two figures for the compressed frames
+  stacked with the float32 run's solution and catalogs (the quantisation alone, without the
+  slightly different weights and normalisation re-derived from the compressed frames),
+  per-frame star catalogs matched star by star (centroid shift over FWHM / SNR, flux change
+  over flux / SNR), and the stack FWHM on the reference frame's bright stars;
 - the projected disk of 500 frames of 24 MP (3 channels) in each format.
 
     python benchmarks/bench_calibrated_storage.py                 # demo, als, seestar
@@ -66,10 +68,10 @@ STACK_SNIPPET = """
 import json, resource, sys, time, yaml
 from nightstack.io import read_json
 from nightstack.steps import stack_step
-night, res, out = sys.argv[1], sys.argv[2], sys.argv[3]
+night, res, out, cal_dir = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[5]
 cfg = yaml.safe_load(open(sys.argv[4]))
 frames = [f["frame"] for f in read_json(f"{res}/solution.json")["frames"]]
-cal = {f: f"{res}/calibrated/{f}.fits" for f in frames}
+cal = {f: f"{cal_dir}/calibrated/{f}.fits" for f in frames}
 cat = {f: f"{res}/stars/{f}.ecsv" for f in frames}
 t = time.perf_counter()
 stack_step(night, f"{res}/solution.json", cal, cat, out, cfg["stacking"])
@@ -78,12 +80,18 @@ print(json.dumps({"stack_s": time.perf_counter() - t,
 """
 
 
-def time_stack_step(name: str, workdir: Path) -> dict:
-    """steps.stack_step on a finished run's frames in a fresh process: seconds and peak RSS."""
+def time_stack_step(name: str, workdir: Path, frames_from: Path | None = None) -> dict:
+    """steps.stack_step on a finished run in a fresh process: seconds and peak RSS (MB).
+
+    The solution and catalogs are the run's; the calibrated frames those of ``frames_from``
+    (another work dir) if given. The stack goes to <workdir>/scratch/.
+    """
     res = workdir / "results" / name
-    out = workdir / "scratch" / "stack_linear.fits"
+    cal = (frames_from or workdir) / "results" / name
+    out = workdir / "scratch" / ("stack_linear.fits" if frames_from is None else "other_frames.fits")
     out.parent.mkdir(exist_ok=True)
-    cmd = [sys.executable, "-c", STACK_SNIPPET, name, str(res), str(out), str(workdir / "config.yaml")]
+    cmd = [sys.executable, "-c", STACK_SNIPPET, name, str(res), str(out), str(workdir / "config.yaml"),
+           str(cal)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=tool_env(), check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -148,10 +156,21 @@ def sky_mask(stack: np.ndarray) -> np.ndarray:
     return mask
 
 
-def robust_noise(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Per-channel 1.4826 x MAD (ADU) of a (C, H, W) image over mask."""
+def sky_noise(image: np.ndarray, mask: np.ndarray, limits=None):
+    """Per-channel std (ADU) of a (C, H, W) image over mask, values outside ``limits`` (C, 2)
+    left out; limits default to median +- 5 x 1.4826 MAD. Returns (std, limits).
+
+    Compare two images with the same limits: a plain MAD jitters by +-0.2 % under any tiny
+    perturbation of the values (it is one order statistic), a clipped std does not.
+    """
     values = image[:, mask]
-    return 1.4826 * np.median(np.abs(values - np.median(values, axis=1, keepdims=True)), axis=1)
+    if limits is None:
+        med = np.median(values, axis=1)
+        mad = 1.4826 * np.median(np.abs(values - med[:, None]), axis=1)
+        limits = np.column_stack([med - 5 * mad, med + 5 * mad])
+    keep = (values >= limits[:, :1]) & (values <= limits[:, 1:])
+    std = np.array([v[k].std() for v, k in zip(values, keep)])
+    return std, limits
 
 
 def stack_quality(results: dict[str, Path], name: str) -> dict:
@@ -163,8 +182,11 @@ def stack_quality(results: dict[str, Path], name: str) -> dict:
 
     stacks = {fmt: fits.getdata(results[fmt] / name / "stack_linear.fits").astype(np.float64)
               for fmt in FORMATS}
+    same = fits.getdata(results["float32"].parent / "scratch" / "other_frames.fits").astype(np.float64)
     mask = sky_mask(stacks["float32"])
-    noise = {fmt: robust_noise(stacks[fmt], mask) for fmt in FORMATS}
+    noise, limits = {}, None
+    for fmt in FORMATS:
+        noise[fmt], limits = sky_noise(stacks[fmt], mask, limits)
     diff = (stacks["compressed"] - stacks["float32"])[:, mask]
     ref = read_json(results["float32"] / name / "solution.json")["reference"]
     cat = read_catalog(results["float32"] / name / "stars" / f"{ref}.ecsv")
@@ -180,6 +202,11 @@ def stack_quality(results: dict[str, Path], name: str) -> dict:
         "sky_noise": {fmt: noise[fmt].tolist() for fmt in FORMATS},
         "noise_rise_pct": (100 * (noise["compressed"] / noise["float32"] - 1)).tolist(),
         "diff_std_over_noise": (diff.std(axis=1) / noise["float32"]).tolist(),
+        # compressed frames stacked with the float32 run's solution and catalogs (same weights
+        # and normalisation): the quantisation alone
+        "same_solution_noise_rise_pct": (100 * (sky_noise(same, mask, limits)[0] / noise["float32"] - 1)).tolist(),
+        "same_solution_diff_std_over_noise": ((same - stacks["float32"])[:, mask].std(axis=1)
+                                              / noise["float32"]).tolist(),
         "stack_fwhm_px": fwhm,
     }
 
@@ -256,6 +283,7 @@ def measure(set_name: str, keep: bool) -> dict:
     for _ in range(2):
         for fmt in FORMATS:
             stack_runs[fmt].append(time_stack_step(ds.name, work[fmt]))
+    time_stack_step(ds.name, work["float32"], frames_from=work["compressed"])
     row["stack_step_s"] = {fmt: min(r["stack_s"] for r in stack_runs[fmt]) for fmt in FORMATS}
     row["stack_peak_rss_mb"] = {fmt: max(r["peak_rss_mb"] for r in stack_runs[fmt]) for fmt in FORMATS}
     row["quality"] = stack_quality(results, ds.name)
@@ -271,7 +299,7 @@ def table(rows: list[dict]) -> str:
     lines = [("| set | frame | MB/frame f32 | MB/frame rice | ratio | write f32/rice (s) | read f32/rice (s) "
              "| box f32/rice (ms) | stack f32/rice (s) | stack RSS f32/rice (MB) | sky noise rise (%) "
              "| diff/noise | centroid shift/err (med, p99) | flux change/err (med, p99) | stack FWHM f32/rice "
-             "| 500x24MP f32/rice (GB) |"), "|" + "---|" * 16]
+             "| 500x24MP f32/rice (GB) | same solution: noise rise (%), diff/noise |"), "|" + "---|" * 17]
     for r in rows:
         io, q, s = r["io"], r["quality"], r["stars"]
         lines.append(
@@ -287,7 +315,9 @@ def table(rows: list[dict]) -> str:
             f"| {s['centroid_shift_over_error']['median']:.3f}, {s['centroid_shift_over_error']['p99']:.2f} "
             f"| {s['flux_change_over_error']['median']:.3f}, {s['flux_change_over_error']['p99']:.2f} "
             f"| {q['stack_fwhm_px']['float32']:.3f} / {q['stack_fwhm_px']['compressed']:.3f} "
-            f"| {r['projected_500x24MP_GB']['float32']:.0f} / {r['projected_500x24MP_GB']['compressed']:.0f} |")
+            f"| {r['projected_500x24MP_GB']['float32']:.0f} / {r['projected_500x24MP_GB']['compressed']:.0f} "
+            f"| {', '.join(f'{v:+.3f}' for v in q['same_solution_noise_rise_pct'])}; "
+            f"{max(q['same_solution_diff_std_over_noise']):.3f} |")
     return "\n".join(lines)
 
 
