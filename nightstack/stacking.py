@@ -385,9 +385,11 @@ def normalise_tile(tile: np.ndarray, warp: FrameWarp) -> np.ndarray:
 
 
 def read_warped_tile(warp: FrameWarp, y0, y1, x0, x1, interpolation: str) -> np.ndarray:
-    """Open the frame memory-mapped, warp and normalise one tile, close it: (C, h, w) float32.
+    """Open the frame, warp and normalise one tile, close it: (C, h, w) float32.
 
-    The file is closed after every tile so the pages read are unmapped and never add up.
+    A float32 frame is memory-mapped; of a tile-compressed one only the compression tiles
+    the read box touches are decompressed (io.open_fits_data). The file is closed after
+    every tile so the pages read are unmapped and never add up.
     """
     try:
         hdul, data = open_fits_data(warp.path)

@@ -22,6 +22,8 @@ from .calibration import calibrate, make_master, master_from_fits, write_master
 from .camera import Camera, default_focal_px
 from .errors import FrameError, NightstackError
 from .io import (
+    CALIBRATED_FORMATS,
+    dither_seed,
     header_text,
     header_text_decoded,
     read_catalog,
@@ -126,8 +128,16 @@ def _source(header, default) -> str:
     return header_text_decoded(header["SOURCE"]) if "SOURCE" in header else str(default)
 
 
-def calibrate_step(light, output, masters: dict, calib_params: dict, background_params: dict) -> None:
-    """Calibrate one light (raw mosaic), demosaic, remove the sky gradient, write float32 FITS."""
+def calibrate_step(light, output, masters: dict, calib_params: dict, background_params: dict,
+                   frame_format: str = "compressed") -> None:
+    """Calibrate one light (raw mosaic), demosaic, remove the sky gradient, write the FITS.
+
+    ``frame_format``: "float32" (plain primary image) or "compressed" (tile-compressed,
+    quantised to 1/16 of the noise: io.compressed_image_hdu), as config output.calibrated_frames.
+    """
+    if frame_format not in CALIBRATED_FORMATS:
+        raise NightstackError(f"output.calibrated_frames must be one of {', '.join(CALIBRATED_FORMATS)}, "
+                              f"got {frame_format!r}")
     source = Path(light).name
     try:
         raw = load_frame(light)
@@ -171,7 +181,8 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
         hdr[k] = v
     for note in cal.notes:
         hdr.add_history(note)
-    write_fits_image(output, data, hdr, extra_hdus=extra)
+    write_fits_image(output, data, hdr, extra_hdus=extra, compress=frame_format == "compressed",
+                     seed=dither_seed(source))
     log.info("calibrated %s: %s", source, "; ".join(cal.notes) or "no calibration frames")
 
 

@@ -17,5 +17,6 @@ rule calibrate:
         light=light_file,
         calibration=config["calibration"],
         background=config["background"],
+        frame_format=config["output"].get("calibrated_frames", "compressed"),
     script:
         "../scripts/calibrate.py"

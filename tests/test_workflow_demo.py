@@ -10,7 +10,7 @@ from astropy.io import fits
 from PIL import Image
 
 from nightstack.camera import apply_homography
-from nightstack.io import read_json
+from nightstack.io import read_fits_image, read_json
 
 from workflow_helpers import night_fwhm_figures, planned_jobs, snakemake, write_config
 
@@ -100,8 +100,8 @@ def test_noise_falls_with_frame_count(demo_run):
     with fits.open(night / "stack_linear.fits") as hdul:
         stack = np.asarray(hdul[0].data, dtype=np.float64).mean(axis=0)
     sol = read_json(night / "solution.json")
-    with fits.open(night / "calibrated" / f"{sol['reference']}.fits") as hdul:
-        single = np.asarray(hdul[0].data, dtype=np.float64).mean(axis=0)
+    single = np.asarray(read_fits_image(night / "calibrated" / f"{sol['reference']}.fits")[0],
+                        dtype=np.float64).mean(axis=0)
     # the stack shows faint stars the single frame hides: mask stars found in either
     stars = _star_mask(stack) | _star_mask(single)
     n = sol["n_accepted"]

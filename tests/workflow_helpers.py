@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 from astropy.io import fits
 
-from nightstack.io import read_catalog, read_json
+from nightstack.io import read_catalog, read_fits_image, read_json
 from nightstack.stars import StarConfig, fit_stars, luminance
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,8 +103,8 @@ def night_fwhm_figures(results: Path, night: str):
     for rec in sol["frames"]:
         if rec["status"] != "accepted":
             continue
-        with fits.open(results / night / "calibrated" / f"{rec['frame']}.fits") as hdul:
-            data = np.asarray(hdul[0].data, dtype=np.float32)
+        data, _ = read_fits_image(results / night / "calibrated" / f"{rec['frame']}.fits")
+        data = np.asarray(data, dtype=np.float32)
         if rec["frame"] == ref:
             pts = xy
         else:
