@@ -2,6 +2,7 @@ rule calibrate:
     input:
         unpack(light_masters),
         light=light_input,
+        landscape_mask=landscape_mask_input,
     output:
         f"{RESULTS}/{{night}}/calibrated/{{frame}}.fits",
     log:
@@ -17,5 +18,6 @@ rule calibrate:
         light=light_file,
         calibration=config["calibration"],
         background=config["background"],
+        landscape=landscape_params(),
     script:
         "../scripts/calibrate.py"

@@ -1,6 +1,7 @@
 rule stars:
     input:
-        f"{RESULTS}/{{night}}/calibrated/{{frame}}.fits",
+        calibrated=f"{RESULTS}/{{night}}/calibrated/{{frame}}.fits",
+        sky_mask=f"{RESULTS}/{{night}}/sky_mask.fits",
     output:
         f"{RESULTS}/{{night}}/stars/{{frame}}.ecsv",
     log:

@@ -11,5 +11,6 @@ run_step(
     masters,
     snakemake.params.calibration,
     snakemake.params.background,
+    snakemake.params.landscape,
     log_path=snakemake.log[0],
 )
