@@ -9,6 +9,7 @@ processes like any user's night::
     folder/lights/light_000.dng ...   folder/biases/bias_000.dng ...
     folder/darks/dark_000.dng ...     folder/flats/flat_000.dng ...
     folder/truth.json
+    folder/truth_sky_mask.png          (landscape nights only; see below)
 
 Signal chain of a light, per mosaic pixel (electrons unless stated): sky (airglow + an orange
 light-pollution gradient) + stars (pixel-integrated PSFs) [+ satellite trail], times the optical
@@ -16,6 +17,16 @@ transmission (vignetting and dust), + dark current and hot pixels; Poisson noise
 through the gain, + Gaussian read noise, + bias level with small column offsets; clipped to the
 white level. Biases, darks and flats share the same bias, column pattern, dark current, hot
 pixels, vignetting and dust, so calibration has something real to remove.
+
+Landscape nights (``DemoConfig.landscape``): the tripod also sees a foreground that stays put
+while the sky turns: hills with 1/f-rough outlines over the bottom 20-35% of the frame, plus a
+few bare trees and a pole whose trunks and branches (2-8 px wide) rise into the sky. In every
+light the foreground replaces the sky, stars and satellite trail behind it by its own dim,
+textured light (10-40% of the sky level, the same texture in every light), then goes through
+the same optics, dark current, noise and read-out as everything else. The exact sky mask is
+written to ``truth_sky_mask.png`` at the night's root (8-bit, 255 = sky, 0 = ground): a pixel is
+ground when its centre lies on or below the horizon line, or within half a width of a
+trunk/branch segment (pixel-centre test, no partial coverage; the rendering uses the same mask).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from scipy.special import erf
 
 from .camera import Camera, homography, rotation_matrix, rotvec_from_matrix
@@ -59,6 +71,18 @@ FLAT_EXPTIME_S = 1.0
 BIAS_EXPTIME_S = 1.0 / 4000.0
 COLUMN_OFFSET_ADU = 1.0
 N_DUST_DONUTS = 3
+
+# Landscape foreground (DemoConfig.landscape): levels are fractions of the sky level in G.
+SKY_MASK_FILE = "truth_sky_mask.png"  # at the night's root, beside truth.json
+LANDSCAPE_STREAM = 5  # the foreground's own random stream, so other draws stay as without it
+HORIZON_HEIGHT_FRACTIONS = (0.20, 0.35)  # the hills' height spans this range of the frame
+HORIZON_ROUGHNESS = 1.3  # Fourier amplitudes of the hill profile fall as f^-roughness
+GROUND_LEVEL_FRACTION = 0.25
+GROUND_TEXTURE_FRACTION = 0.06  # standard deviation of the ground's texture
+GROUND_LEVEL_RANGE = (0.10, 0.40)
+TREE_LEVEL_FRACTION = 0.13
+GROUND_RGB = np.array([1.25, 1.0, 0.7])  # lit by the orange glow
+BRANCH_LEVELS = 3  # each segment forks into two, this many times
 
 
 @dataclass
@@ -92,6 +116,7 @@ class DemoConfig:
     seed: int = 7
     cfa_pattern: str = "RGGB"
     white_level: int = 16383  # 14-bit sensor
+    landscape: bool = False  # a fixed foreground (hills, trees, a pole) over the bottom
 
 
 # ----------------------------------------------------------------------------- names
@@ -468,6 +493,177 @@ def trail_endpoints(trail: dict, height_px: int, width_px: int) -> list[list[flo
     return [(point + t_lo * direction).tolist(), (point + t_hi * direction).tolist()]
 
 
+# ----------------------------------------------------------------------------- landscape
+
+
+def fractal_profile(rng, n: int, roughness: float) -> np.ndarray:
+    """(n,) zero-mean, unit-std random profile whose Fourier amplitudes fall as f^-roughness.
+
+    Drawn over twice the length and cropped, so its two ends do not wrap onto each other.
+    """
+    freqs = np.fft.rfftfreq(2 * n)
+    amplitude = np.zeros_like(freqs)
+    amplitude[1:] = freqs[1:] ** -roughness
+    spectrum = amplitude * (rng.normal(size=freqs.size) + 1j * rng.normal(size=freqs.size))
+    profile = np.fft.irfft(spectrum, 2 * n)[:n]
+    return (profile - profile.mean()) / max(profile.std(), 1e-12)
+
+
+def fractal_field(rng, shape, roughness: float) -> np.ndarray:
+    """(H, W) zero-mean, unit-std random field whose Fourier amplitudes fall as f^-roughness."""
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1])[None, :]
+    f = np.hypot(fx, fy)
+    amplitude = np.where(f > 0, np.maximum(f, 1e-12) ** -roughness, 0.0)
+    noise = rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)
+    field = np.fft.irfft2(amplitude * noise, shape)
+    return (field - field.mean()) / max(field.std(), 1e-12)
+
+
+def draw_horizon_px(rng, height_px: int, width_px: int) -> np.ndarray:
+    """(W,) row (px, y down) of the horizon at each column centre; the ground lies below it.
+
+    Rolling hills with 1/f roughness whose height above the bottom edge spans
+    HORIZON_HEIGHT_FRACTIONS of the frame height across the width.
+    """
+    lo, hi = HORIZON_HEIGHT_FRACTIONS
+    profile = fractal_profile(rng, width_px, HORIZON_ROUGHNESS)
+    profile = (profile - profile.min()) / max(np.ptp(profile), 1e-12)
+    ground_height_px = height_px * (lo + (hi - lo) * profile)
+    return height_px - 0.5 - ground_height_px
+
+
+def branch_segments(rng, trunks: np.ndarray) -> np.ndarray:
+    """Trunks (N, 5: x0, y0, x1, y1, width_px) -> trunks plus BRANCH_LEVELS of forks.
+
+    Every segment forks into two branches turned 20-50 deg to either side, 50-70% as long and
+    50-70% as wide (at least 2 px): one carries on from its tip, the other leaves it 50-85% of
+    the way up (the side of each is random).
+    """
+    levels = [trunks]
+    parent = trunks
+    for _ in range(BRANCH_LEVELS):  # three levels; each level is one array
+        p = np.repeat(parent, 2, axis=0)
+        n = len(p)
+        vec = p[:, 2:4] - p[:, 0:2]
+        length_px = np.hypot(vec[:, 0], vec[:, 1])
+        angle = np.arctan2(vec[:, 0], -vec[:, 1])  # from straight up, positive to the right
+        side = np.tile([-1.0, 1.0], len(parent)) * np.repeat(rng.choice([-1.0, 1.0], n // 2), 2)
+        angle = np.clip(angle + side * np.radians(rng.uniform(20.0, 50.0, n)), -1.8, 1.8)
+        along = np.where(np.arange(n) % 2 == 0, 1.0, rng.uniform(0.5, 0.85, n))
+        start = p[:, 0:2] + along[:, None] * vec
+        new_length_px = length_px * rng.uniform(0.5, 0.7, n)
+        end = start + new_length_px[:, None] * np.stack([np.sin(angle), -np.cos(angle)], axis=1)
+        width_px = np.maximum(p[:, 4] * rng.uniform(0.5, 0.7, n), 2.0)
+        parent = np.column_stack([start, end, width_px])
+        levels.append(parent)
+    return np.vstack(levels)
+
+
+def draw_foreground_segments(rng, horizon_px: np.ndarray, height_px: int) -> np.ndarray:
+    """Segments (N, 5: x0, y0, x1, y1, width_px) of 2-3 bare trees and a pole with a cross-arm.
+
+    Trunks are 5-8 px wide and 15-30% of the frame height tall, rooted a little below the
+    horizon; branches thin down to 2 px. The pole is 3 px wide, its cross-arm 2 px.
+    """
+    width_px = horizon_px.size
+    n_trees = int(rng.integers(2, 4))
+    base_x = rng.uniform(0.08, 0.92, n_trees + 1) * (width_px - 1)
+    base_y = horizon_px[np.round(base_x).astype(int)] + 0.03 * height_px
+    tall_px = rng.uniform(0.15, 0.30, n_trees + 1) * height_px
+    lean = np.radians(rng.uniform(-8.0, 8.0, n_trees))
+    trunks = np.column_stack(
+        [
+            base_x[:n_trees],
+            base_y[:n_trees],
+            base_x[:n_trees] + tall_px[:n_trees] * np.sin(lean),
+            base_y[:n_trees] - tall_px[:n_trees] * np.cos(lean),
+            rng.uniform(5.0, 8.0, n_trees),
+        ]
+    )
+    x, y, tall = base_x[-1], base_y[-1], tall_px[-1]
+    arm_px = 0.025 * width_px
+    pole = np.array(
+        [
+            [x, y, x, y - tall, 3.0],
+            [x - arm_px, y - 0.9 * tall, x + arm_px, y - 0.9 * tall, 2.0],
+        ]
+    )
+    return np.vstack([branch_segments(rng, trunks), pole])
+
+
+def segments_mask(segments: np.ndarray, height_px: int, width_px: int) -> np.ndarray:
+    """(H, W) True where a pixel centre lies within width_px/2 of a segment (a capsule)."""
+    mask = np.zeros((height_px, width_px), dtype=bool)
+    for x0, y0, x1, y1, w in segments:  # a few dozen segments, each over its bounding box
+        half = w / 2.0
+        c0, c1 = max(int(np.floor(min(x0, x1) - half)), 0), int(np.ceil(max(x0, x1) + half)) + 1
+        r0, r1 = max(int(np.floor(min(y0, y1) - half)), 0), int(np.ceil(max(y0, y1) + half)) + 1
+        c1, r1 = min(c1, width_px), min(r1, height_px)
+        if c0 >= c1 or r0 >= r1:
+            continue
+        y, x = np.mgrid[r0:r1, c0:c1].astype(float)
+        dx, dy = x1 - x0, y1 - y0
+        t = np.clip(((x - x0) * dx + (y - y0) * dy) / max(dx * dx + dy * dy, 1e-12), 0.0, 1.0)
+        mask[r0:r1, c0:c1] |= np.hypot(x - x0 - t * dx, y - y0 - t * dy) <= half
+    return mask
+
+
+def ground_e(rng, horizon_px, segments_px, channel_map: np.ndarray, cfg: DemoConfig):
+    """The foreground's light: (sky mask (H, W) bool, True = sky; electrons (H, W), 0 in the sky).
+
+    Ground: GROUND_LEVEL_FRACTION of the sky level with rock-like (1/f) and grass-like
+    (vertical streaks) texture, clipped to GROUND_LEVEL_RANGE; trees and the pole darker.
+    """
+    height_px, width_px = channel_map.shape
+    rows = np.arange(height_px)[:, None]
+    trees = segments_mask(segments_px, height_px, width_px)
+    ground = (rows >= horizon_px[None, :]) | trees
+    grass = ndimage.gaussian_filter(rng.normal(size=channel_map.shape), sigma=(2.5, 0.6))
+    texture = 0.8 * fractal_field(rng, channel_map.shape, 1.0) + 0.6 * grass / grass.std()
+    level = np.where(
+        trees & (rows < horizon_px[None, :]),
+        TREE_LEVEL_FRACTION + 0.2 * GROUND_TEXTURE_FRACTION * texture,
+        GROUND_LEVEL_FRACTION + GROUND_TEXTURE_FRACTION * texture,
+    )
+    level = np.clip(level, *GROUND_LEVEL_RANGE)
+    base_e = cfg.sky_adu * cfg.gain_e_per_adu
+    return ~ground, np.where(ground, base_e * level * GROUND_RGB[channel_map], 0.0)
+
+
+def draw_landscape(cfg: DemoConfig, channel_map: np.ndarray) -> dict:
+    """The fixed foreground of a landscape night, from its own random stream of the seed.
+
+    Returns horizon_px (W,), segments_px (N, 5), sky_mask (H, W, True = sky) and ground_e
+    (H, W electrons per exposure before the optics, 0 in the sky).
+    """
+    rng = np.random.default_rng([cfg.seed, LANDSCAPE_STREAM])
+    horizon_px = draw_horizon_px(rng, cfg.height_px, cfg.width_px)
+    segments_px = draw_foreground_segments(rng, horizon_px, cfg.height_px)
+    sky_mask, light_e = ground_e(rng, horizon_px, segments_px, channel_map, cfg)
+    return {
+        "horizon_px": horizon_px,
+        "segments_px": segments_px,
+        "sky_mask": sky_mask,
+        "ground_e": light_e,
+    }
+
+
+def write_sky_mask(path, sky_mask: np.ndarray) -> None:
+    """Write a sky mask (H, W) bool as an 8-bit greyscale PNG: 255 = sky, 0 = ground."""
+    from PIL import Image
+
+    Image.fromarray(np.where(sky_mask, 255, 0).astype(np.uint8), mode="L").save(path)
+
+
+def read_sky_mask(path) -> np.ndarray:
+    """The (H, W) bool sky mask (True = sky) of a PNG written by write_sky_mask."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L")) >= 128
+
+
 # ----------------------------------------------------------------------------- sensor
 
 
@@ -623,7 +819,8 @@ def write_calibration(folder: Path, cfg: DemoConfig, sensor: Sensor, transmissio
 
 
 def render_light(k: int, cfg: DemoConfig, scene: dict, sensor: Sensor) -> np.ndarray:
-    """Raw uint16 mosaic (H, W) of light ``k``: sky, stars, trail, optics, dark, noise."""
+    """Raw uint16 mosaic (H, W) of light ``k``: sky, stars, trail, [foreground,] optics, dark,
+    noise. The foreground replaces whatever sky lies behind it."""
     channel_map = scene["channel_map"]
     camera, rotation = scene["cameras"][k], scene["rotations"][k]
     xy, front = project(camera, rotation, scene["directions"])
@@ -633,6 +830,9 @@ def render_light(k: int, cfg: DemoConfig, scene: dict, sensor: Sensor) -> np.nda
     )
     if k == cfg.satellite_frame:
         sky_and_stars += satellite_e(scene["satellite"], channel_map)
+    if scene["landscape"] is not None:
+        land = scene["landscape"]
+        sky_and_stars = np.where(land["sky_mask"], sky_and_stars, land["ground_e"])
     signal = sky_and_stars * scene["transmission"] + sensor.dark_e(
         channel_map.shape, cfg, cfg.exptime_s
     )
@@ -677,6 +877,7 @@ def build_scene(cfg: DemoConfig) -> dict:
         "transmission": transmission,
         "satellite": draw_satellite(rng, cfg.height_px, cfg.width_px),
         "sensor": draw_sensor(rng, cfg),
+        "landscape": draw_landscape(cfg, channel_map) if cfg.landscape else None,
     }
 
 
@@ -709,7 +910,7 @@ def night_truth(cfg: DemoConfig, scene: dict, sensor: Sensor) -> dict:
         }
         for i in order  # a JSON record per star; no arithmetic here
     ]
-    return {
+    truth = {
         "generator": "nightstack.demo",
         "config": asdict(cfg),
         "camera": {
@@ -739,6 +940,24 @@ def night_truth(cfg: DemoConfig, scene: dict, sensor: Sensor) -> dict:
         "n_biases": cfg.n_biases,
         "n_darks": cfg.n_darks,
         "n_flats": cfg.n_flats,
+    }
+    if scene["landscape"] is not None:
+        truth["landscape"] = landscape_truth(scene["landscape"])
+    return truth
+
+
+def landscape_truth(land: dict) -> dict:
+    """The truth.json entry of a landscape night (see generate_night)."""
+    return {
+        "sky_mask": SKY_MASK_FILE,
+        "mask_rule": "pixel centre test: ground if the centre is on/below the horizon or "
+        "within width_px/2 of a segment; 255 = sky",
+        "ground_fraction": float(1.0 - land["sky_mask"].mean()),
+        "horizon_px": land["horizon_px"],
+        "segments_px": [
+            dict(zip(("x0", "y0", "x1", "y1", "width_px"), map(float, seg)))
+            for seg in land["segments_px"]  # a JSON record per segment
+        ],
     }
 
 
@@ -783,7 +1002,11 @@ def generate_night(folder, cfg: DemoConfig | None = None) -> dict:
       electrons per exposure in a green pixel, before vignetting), rgb (channel multipliers),
       in_frame0; brightest first;
     - ``hot_pixels``: x, y, dark_adu_s; ``satellite_frame`` and ``satellite`` (line, endpoints);
-      ``dust``; ``pole_ref_px``; exposure, cadence, CFA pattern, black/white level, gain, config.
+      ``dust``; ``pole_ref_px``; exposure, cadence, CFA pattern, black/white level, gain, config;
+    - ``landscape`` (landscape nights only): ``sky_mask`` (file name at the night's root,
+      8-bit PNG, 255 = sky, pixel-centre test; read with read_sky_mask), ``ground_fraction``,
+      ``mask_rule``, ``horizon_px`` (per column, y of the horizon), ``segments_px`` (trees,
+      pole: x0, y0, x1, y1, width_px).
     """
     cfg = cfg if cfg is not None else DemoConfig()
     check_config(cfg)
@@ -796,6 +1019,8 @@ def generate_night(folder, cfg: DemoConfig | None = None) -> dict:
         sensor = scene["sensor"]
         write_lights(built, cfg, scene, sensor)
         write_calibration(built, cfg, sensor, scene["transmission"], scene["channel_map"])
+        if scene["landscape"] is not None:
+            write_sky_mask(built / SKY_MASK_FILE, scene["landscape"]["sky_mask"])
         write_json(built / "truth.json", night_truth(cfg, scene, sensor))
         truth = read_json(built / "truth.json")  # plain lists, exactly what the file holds
         _apply_umask(built)

@@ -144,6 +144,13 @@ def demo_frames():
     return [str(p) for kind in files for p in files[kind]]
 
 
+def demo_truth_files():
+    """Truth files beside truth.json: the sky mask of a landscape demo night, else none."""
+    if not demo_config().landscape:
+        return []
+    return [f"{DEMO_FOLDER}/{ns_demo.SKY_MASK_FILE}"]
+
+
 def demo_params():
     return config.get("demo", {})
 

@@ -2,6 +2,7 @@ rule demo_night:
     output:
         frames=demo_frames(),
         truth=f"{DEMO_FOLDER}/truth.json",
+        truth_files=demo_truth_files(),
     log:
         f"{RESULTS}/logs/demo_night.log",
     conda:

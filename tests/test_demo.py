@@ -1,14 +1,22 @@
 """The demo night: files rawpy can read, and pixels that agree with the recorded truth."""
 
 import datetime as dt
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import rawpy
+from PIL import Image
 from scipy import ndimage
 
+from nightstack import config as ns_config
 from nightstack import demo
-from nightstack.camera import Camera, apply_homography, map_ref_to_frame, rotvec_from_matrix
+from nightstack.camera import (
+    Camera,
+    apply_homography,
+    map_ref_to_frame,
+    rotvec_from_matrix,
+)
 from nightstack.demo import DemoConfig, generate_night, light_names
 from nightstack.errors import NightstackError
 from nightstack.io import read_json
@@ -308,3 +316,210 @@ def test_folder_appears_atomically(tmp_path, monkeypatch):
         generate_night(
             tmp_path / "bad", DemoConfig(n_lights=2, zoom_steps=[1.0], satellite_frame=-1)
         )
+
+
+# ----------------------------------------------------------------------------- landscape
+
+# A landscape night and the same night without its foreground (same seed: same stars, sensor,
+# dust and trail). A long cadence moves stars ~30 px between the first and last light; the
+# seed puts the satellite trail across both sky and ground.
+LANDSCAPE = DemoConfig(
+    n_lights=4,
+    width_px=800,
+    height_px=533,
+    focal_px=1200.0,
+    cadence_s=120.0,
+    n_stars=1500,
+    n_hot_pixels=40,
+    satellite_frame=1,
+    n_biases=1,
+    n_darks=1,
+    n_flats=1,
+    seed=3,
+    landscape=True,
+)
+
+
+@pytest.fixture(scope="module")
+def landscape_nights(tmp_path_factory):
+    """'on'/'off' -> (folder, truth, config, bias-subtracted lights (N, H, W))."""
+    root = tmp_path_factory.mktemp("landscape")
+    out = {}
+    for name, cfg in {"on": LANDSCAPE, "off": replace(LANDSCAPE, landscape=False)}.items():
+        truth = generate_night(root / name, cfg)
+        lights = np.stack([read_raw(root / name / f["file"]) for f in truth["frames"]])
+        out[name] = (root / name, truth, cfg, lights - cfg.bias_adu)
+    return out
+
+
+def hot_pixel_mask(truth, cfg):
+    hot = np.zeros((cfg.height_px, cfg.width_px), dtype=bool)
+    hot[[h["y"] for h in truth["hot_pixels"]], [h["x"] for h in truth["hot_pixels"]]] = True
+    return hot
+
+
+def noise_adu(level_adu, cfg):
+    """Expected per-pixel noise (ADU) of one light at a mean level (ADU above bias)."""
+    return np.sqrt(np.maximum(level_adu, 0.0) / cfg.gain_e_per_adu + cfg.read_noise_adu**2)
+
+
+def landscape_regions(night):
+    """Sky mask from the truth file, and the sky/ground interiors (3 px from the edge, no hot
+    pixels)."""
+    folder, truth, cfg, _ = night
+    sky = demo.read_sky_mask(folder / truth["landscape"]["sky_mask"])
+    hot = hot_pixel_mask(truth, cfg)
+    sky_in = ndimage.binary_erosion(sky, iterations=3, border_value=1) & ~hot
+    ground_in = ndimage.binary_erosion(~sky, iterations=3, border_value=1) & ~hot
+    return sky, sky_in, ground_in
+
+
+def test_landscape_truth_mask_file_and_record(landscape_nights):
+    folder, truth, cfg, _ = landscape_nights["on"]
+    record = truth["landscape"]
+    assert record["sky_mask"] == demo.SKY_MASK_FILE
+    path = folder / record["sky_mask"]
+    assert path.parent == folder  # at the night's root: never a light
+    with Image.open(path) as image:
+        assert image.mode == "L" and image.size == (cfg.width_px, cfg.height_px)
+        pixels = np.asarray(image)
+    assert set(np.unique(pixels)) == {0, 255}
+    sky = demo.read_sky_mask(path)
+    assert np.array_equal(sky, pixels == 255)
+    assert record["ground_fraction"] == pytest.approx(1.0 - sky.mean(), abs=1e-12)
+    # The hills fill the bottom 20-35% of the frame, varying across the width.
+    horizon = np.array(record["horizon_px"])
+    ground_height = (cfg.height_px - 0.5 - horizon) / cfg.height_px
+    assert ground_height.min() >= 0.2 - 1e-9 and ground_height.max() <= 0.35 + 1e-9
+    assert np.ptp(ground_height) > 0.1
+    # Pixel-centre rule: every column is ground exactly from the first row on/below the horizon.
+    rows = np.arange(cfg.height_px)[:, None]
+    below = rows >= horizon[None, :]
+    assert np.all(~sky[below]) and 0.2 < record["ground_fraction"] < 0.45
+    # The inventory never sees the mask: it is not in lights/.
+    assert ns_config.inventory(folder)["light"] == sorted((folder / "lights").glob("*.dng"))
+
+
+def test_landscape_ground_stays_still_while_the_sky_turns(landscape_nights):
+    _, _, cfg, lights = landscape_nights["on"]
+    _, sky_in, ground_in = landscape_regions(landscape_nights["on"])
+    level = lights.mean(axis=0)
+    z = (lights[-1] - lights[0]) / (np.sqrt(2.0) * noise_adu(level, cfg))
+    # On the ground the difference of two lights is pure noise (texture and all identical) ...
+    assert np.std(z[ground_in]) == pytest.approx(1.0, abs=0.05)
+    assert abs(np.mean(z[ground_in])) < 5.0 / np.sqrt(ground_in.sum())
+    assert np.mean(np.abs(z[ground_in]) > 6) < 1e-5
+    # ... while in the sky the stars have moved away: hundreds of strong residuals.
+    assert np.sum(np.abs(z[sky_in]) > 6) > 200
+
+
+def test_landscape_hides_stars_and_trail_behind_the_ground(landscape_nights):
+    _, truth, cfg, lights = landscape_nights["on"]
+    lights_off = landscape_nights["off"][3]
+    sky, _, ground_in = landscape_regions(landscape_nights["on"])
+    deep_ground = ndimage.binary_erosion(~sky, iterations=6, border_value=1)
+    xy = np.array([[s["x"], s["y"]] for s in truth["stars"]])
+    peak_adu = np.array([s["flux_e"] for s in truth["stars"]]) * demo.psf_peak_fraction(cfg)
+    ij = np.round(xy).astype(int)
+    inside = (ij[:, 0] >= 2) & (ij[:, 0] < cfg.width_px - 2) & (ij[:, 1] >= 2)
+    inside &= ij[:, 1] < cfg.height_px - 2
+    ij, peak_adu = ij[inside], peak_adu[inside] / cfg.gain_e_per_adu
+    behind = deep_ground[ij[:, 1], ij[:, 0]] & (peak_adu > 200)
+    assert behind.sum() >= 5
+
+    def star_z(night_lights):
+        """3x3 sum of light 0 - light 3 at each hidden star's light-0 position, in sigmas."""
+        diff = ndimage.uniform_filter(night_lights[0] - night_lights[-1], 3) * 9
+        level = ndimage.uniform_filter(night_lights.mean(axis=0), 3)
+        return diff[ij[behind, 1], ij[behind, 0]] / (3 * np.sqrt(2) * noise_adu(level, cfg)[
+            ij[behind, 1], ij[behind, 0]
+        ])
+
+    assert np.all(star_z(lights_off) > 10)  # without the foreground these stars are bright
+    assert np.all(np.abs(star_z(lights)) < 5)  # behind it, nothing
+    # The satellite trail stops at the horizon: only noise where it crosses the ground.
+    sat = truth["satellite"]
+    rows, cols = np.mgrid[0 : cfg.height_px, 0 : cfg.width_px]
+    on_trail = distance_to_trail_px(np.stack([cols.ravel(), rows.ravel()], 1), sat) < 1.0
+    on_trail = on_trail.reshape(sky.shape)
+    k = sat["frame"]
+    trail_diff = lights[k] - 0.5 * (lights[k - 1] + lights[k + 1])
+    sigma = noise_adu(lights.mean(axis=0), cfg) * np.sqrt(1.5)
+    assert (on_trail & ground_in).sum() > 100 and (on_trail & sky).sum() > 100
+    assert np.median(trail_diff[on_trail & sky]) > 0.3 * sat["peak_e"] / cfg.gain_e_per_adu
+    ground_z = trail_diff[on_trail & ground_in] / sigma[on_trail & ground_in]
+    assert abs(np.mean(ground_z)) < 5.0 / np.sqrt(ground_z.size) + 0.05
+
+
+def test_landscape_ground_is_dim_textured_and_matches_the_mask(landscape_nights):
+    _, _, cfg, lights = landscape_nights["on"]
+    sky, sky_in, ground_in = landscape_regions(landscape_nights["on"])
+    green = demo.cfa_channel_map(cfg.cfa_pattern, cfg.height_px, cfg.width_px) == 1
+    mean = lights.mean(axis=0)
+    sky_level = np.median(mean[sky_in & green])
+    ground = mean[ground_in & green]
+    # Dim: 10-40% of the sky, before vignetting (which only dims it further).
+    assert 0.1 * (1 - cfg.vignetting) * cfg.sky_adu < np.median(ground) < 0.4 * cfg.sky_adu
+    assert np.mean(ground < np.percentile(mean[sky_in & green], 1)) > 0.999
+    # Textured: the difference of green neighbours two columns apart in the mean of the lights
+    # varies far more than the noise of that mean explains.
+    noise_var = np.var((lights[-1] - lights[0])[ground_in]) / 2 / cfg.n_lights
+    both = ground_in[:, 2:] & ground_in[:, :-2] & green[:, 2:]
+    neighbour_diff = (mean[:, 2:] - mean[:, :-2])[both]
+    assert np.var(neighbour_diff) > 4 * (2 * noise_var)
+    # The mask is exact at its edge: nearly every pixel of the ground's outer ring is darker
+    # than 60% of the most vignetted sky, nearly every pixel of the sky's ring beside it brighter.
+    threshold = 0.6 * (1 - cfg.vignetting) * sky_level
+    assert np.percentile(mean[ground_in & green], 99.9) < threshold
+    edge_ground = ~sky & ndimage.binary_dilation(sky)
+    edge_sky = sky & ndimage.binary_dilation(~sky)
+    assert np.mean(mean[edge_ground & green] < threshold) > 0.98
+    assert np.mean(mean[edge_sky & green] > threshold) > 0.98
+
+
+def test_landscape_has_thin_branching_structures_against_the_sky(landscape_nights):
+    folder, truth, cfg, lights = landscape_nights["on"]
+    sky = demo.read_sky_mask(folder / truth["landscape"]["sky_mask"])
+    horizon = np.array(truth["landscape"]["horizon_px"])
+    rows = np.arange(cfg.height_px)[:, None]
+    above_hills = ~sky & (rows < horizon.min() - 1)  # rows where only trees/poles are ground
+    labels, n_objects = ndimage.label(above_hills)
+    assert n_objects >= 2
+    # Horizontal runs of ground across those rows: most are thin (< 8 px), none is empty.
+    edges = np.diff(above_hills.astype(int), axis=1, prepend=0, append=0)
+    run_lengths = np.flatnonzero(edges.ravel() == -1) - np.flatnonzero(edges.ravel() == 1)
+    assert run_lengths.size > 50 and np.mean(run_lengths < 8) > 0.8
+    assert run_lengths.min() >= 1 and np.sum(run_lengths <= 3) > 20
+    # Branching: some row crosses one connected object at least twice.
+    starts = edges[:, :-1] == 1
+    r, c = np.nonzero(starts)
+    per_row_object = np.unique(np.stack([r, labels[r, c]], axis=1), axis=0, return_counts=True)
+    assert per_row_object[1].max() >= 2
+    # The thin structures are in the pixels too: dark against the sky beside them.
+    green = demo.cfa_channel_map(cfg.cfa_pattern, cfg.height_px, cfg.width_px) == 1
+    thin = above_hills & (ndimage.distance_transform_edt(above_hills) <= 1.5)
+    beside = ndimage.binary_dilation(above_hills, iterations=3) & sky
+    mean = lights.mean(axis=0)
+    assert np.median(mean[thin & green]) < 0.5 * np.median(mean[beside & green])
+
+
+def test_landscape_is_deterministic_and_leaves_the_plain_night_alone(landscape_nights):
+    folder_off, truth_off, cfg_off, lights_off = landscape_nights["off"]
+    assert "landscape" not in truth_off and not (folder_off / demo.SKY_MASK_FILE).exists()
+    on = demo.build_scene(LANDSCAPE)
+    off = demo.build_scene(cfg_off)
+    assert off["landscape"] is None
+    # The foreground has its own random stream: stars, sensor, dust, trail as without it.
+    assert np.array_equal(on["directions"], off["directions"])
+    assert np.array_equal(on["flux_e"], off["flux_e"])
+    assert np.array_equal(on["sensor"].hot_rows, off["sensor"].hot_rows)
+    assert on["dust"] == off["dust"] and on["satellite"] == off["satellite"]
+    again = demo.draw_landscape(LANDSCAPE, on["channel_map"])
+    assert np.array_equal(again["sky_mask"], on["landscape"]["sky_mask"])
+    assert np.array_equal(again["ground_e"], on["landscape"]["ground_e"])
+    other = demo.draw_landscape(replace(LANDSCAPE, seed=4), on["channel_map"])
+    assert not np.array_equal(other["sky_mask"], on["landscape"]["sky_mask"])
+    # No ground in the plain night: nothing anywhere near as dark as the foreground.
+    mean = lights_off.mean(axis=0)
+    assert np.mean(mean < 0.5 * (1 - cfg_off.vignetting) * cfg_off.sky_adu) < 1e-4
+    assert lights_off.shape == landscape_nights["on"][3].shape

@@ -127,3 +127,21 @@ def test_changing_star_detection_reruns_from_stars(demo_run):
     assert "calibrate" not in jobs and "master" not in jobs and "demo_night" not in jobs, jobs
     assert jobs.get("stars") == 16 and {"pose", "solve", "stack", "outputs"} <= set(jobs), jobs
     write_config(demo_run)
+
+
+def test_landscape_demo_night_is_generated_with_its_truth_mask(tmp_path):
+    small = {"landscape": True, "n_lights": 6, "width_px": 400, "height_px": 300}
+    write_config(tmp_path, demo=small)
+    plan = planned_jobs(snakemake(tmp_path, "-n"))
+    assert plan["demo_night"] == 1 and plan["calibrate"] == 6
+    snakemake(tmp_path, "resources/demo-night/truth.json")
+    night = tmp_path / "resources" / "demo-night"
+    truth = read_json(night / "truth.json")
+    mask = np.asarray(Image.open(night / truth["landscape"]["sky_mask"]))
+    assert mask.shape == (300, 400)
+    assert np.mean(mask == 0) == pytest.approx(truth["landscape"]["ground_fraction"])
+    # Once generated, the folder scan still finds the same six lights and ignores nothing.
+    again = snakemake(tmp_path, "-n")
+    plan = planned_jobs(again)
+    assert plan["calibrate"] == 6 and "demo_night" not in plan
+    assert "ignoring files" not in again.stdout + again.stderr
