@@ -36,6 +36,11 @@ kept ground is then traced to the pixel by a local threshold, midway between the
 the ground's smooth local levels, on the lightly smoothed median (thin branches survive).
 The ground is assumed darker than the sky (a lit foreground: give a mask image).
 
+The frozen stack combines every frame at its own sensor pixels (the reference's pose for all),
+with the stack's rejection and weights; on the ground each frame's own calibrated values are
+used (``ground_values``: the sky's per-frame level normalisation does not apply to the ground;
+pixels on a silhouette get it in proportion to their sky fraction, stored with the mask).
+
 Composition (``compose``): ``w * sky + (1 - w) * ground``, where ``w`` ramps from 0 at the
 ground's edge to 1 at ``feather_px`` into the sky (``feather_weight``), so no ground pixel takes
 a registered-sky value; where no frame gives clean sky (near the horizon) the frozen stack is
@@ -226,7 +231,10 @@ def find_sky_mask(median2d: np.ndarray) -> tuple[np.ndarray, dict]:
     True = sky; info dict: ``contrast_sigma`` (sky minus ground level in noise sigmas),
     ``edge_width_px`` and ``edge_snr`` (medians over the passing components, or over all when
     none passes),
-    ``reason`` (why there is no ground, '' when there is)). See the module docstring.
+    ``reason`` (why there is no ground, '' when there is), and with ground ``sky_fraction``:
+    (H, W) float32 in [0, 1], how much of each pixel's light is sky, from its level between the
+    local ground and sky levels (mixed pixels along silhouettes lie between)). See the module
+    docstring.
     """
     img = np.asarray(median2d, dtype=np.float64)
     finite = np.isfinite(img)
@@ -279,7 +287,12 @@ def find_sky_mask(median2d: np.ndarray) -> tuple[np.ndarray, dict]:
     touched = np.unique(labels_f[ground0 & fine])
     ground = np.isin(labels_f, touched[touched > 0]) | (ground0 & ~drop_islands(~fine, min_px))
     sky = drop_islands(~ground, min_px)  # sky seen through small gaps stays with the ground
-    return sky, {**info, "reason": ""}
+    sky_level = _local_level(smooth, sky, sigma_px)
+    ground_level = _local_level(smooth, ~sky, sigma_px)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fraction = (img - ground_level) / (sky_level - ground_level)
+    fraction = np.clip(np.nan_to_num(fraction, nan=1.0), 0.0, 1.0).astype(np.float32)
+    return sky, {**info, "reason": "", "sky_fraction": fraction}
 
 
 def sky_mask_from_frames(luminances, models=None) -> tuple[np.ndarray, dict]:
@@ -376,6 +389,19 @@ def compose(sky_stack: np.ndarray, ground_stack: np.ndarray, weight: np.ndarray)
     return out.astype(np.float32)
 
 
+def ground_values(tile: np.ndarray, warp, sky_fraction: np.ndarray) -> np.ndarray:
+    """A frozen tile (C, h, w), normalised like the sky (stacking.normalise_tile), with the
+    normalisation undone in proportion to how much of each pixel is ground (sky_fraction
+    (h, w) in [0, 1]): the sky's level and transparency change from frame to frame (twilight,
+    haze), the ground's light does not follow them, and a pixel on a silhouette holds some of
+    each. float32."""
+    offset = np.asarray(warp.offset, np.float32).reshape(-1, 1, 1)
+    scale = np.asarray(warp.scale, np.float32).reshape(-1, 1, 1)
+    target = np.asarray(warp.target_level, np.float32).reshape(-1, 1, 1)
+    raw = (tile - target) * scale + offset
+    return (raw + sky_fraction[None] * (tile - raw)).astype(np.float32)
+
+
 def kernel_reach_px(interpolation: str) -> int:
     """How far (px) from a sample position the interpolation kernel reads: taps of Lanczos-3 and
     cubic lie within 3 px, of linear within 1 px."""
@@ -395,9 +421,12 @@ class LandscapeStack:
     sky: np.ndarray
     feather_px: float
     frozen_path: str
+    sky_fraction: np.ndarray | None = None  # (H, W) in [0, 1]; None: the mask itself
 
     def __post_init__(self):
         self.sky = np.asarray(self.sky, dtype=bool)
+        if self.sky_fraction is None or np.shape(self.sky_fraction) != self.sky.shape:
+            self.sky_fraction = self.sky.astype(np.float32)
         self._distance = ndimage.distance_transform_edt(self.sky).astype(np.float32)
         self._frozen = None
 
@@ -454,7 +483,8 @@ class LandscapeStack:
         weight = sky_taper(self._distance[y0:y1, x0:x1], reach, self.feather_px)
         if weight.min() >= 1.0:
             return sky_combined
-        frozen = np.stack([read_warped_tile(w, y0, y1, x0, x1, cfg.interpolation)
-                           for w in self._frozen])
+        fraction = self.sky_fraction[y0:y1, x0:x1]
+        frozen = np.stack([ground_values(read_warped_tile(w, y0, y1, x0, x1, cfg.interpolation),
+                                         w, fraction) for w in self._frozen])
         ground, _, _ = combine_with_rejection(frozen, cfg, weights)
         return compose(sky_combined, ground, weight)

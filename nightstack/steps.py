@@ -54,6 +54,7 @@ from .stars import detect_stars_presmoothed, luminance, star_config_from_dict
 
 SOFTWARE = f"nightstack {__version__}"
 LP_MODEL_HDU = "LPMODEL"
+SKY_FRACTION_HDU = "SKYFRAC"
 
 
 # --------------------------------------------------------------------------- masters
@@ -339,7 +340,8 @@ def _luminances_and_models(paths):
 
 def write_sky_mask(path, sky: np.ndarray, source: str, info: dict | None = None) -> None:
     """sky_mask.fits: uint8 (H, W), 1 = sky, 0 = ground; cards NSMASK (where it came from),
-    GNDFRAC (ground fraction of the frame) and, for auto masks, the figures it was judged by."""
+    GNDFRAC (ground fraction of the frame) and, for auto masks, the figures it was judged by;
+    an auto mask with ground also holds the SKYFRAC extension (float32 sky share per pixel)."""
     from astropy.io import fits
 
     info = info or {}
@@ -358,8 +360,13 @@ def write_sky_mask(path, sky: np.ndarray, source: str, info: dict | None = None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", fits.verify.VerifyWarning)
             hdr["NSREASON"] = header_text(info["reason"])
+    hdus = [fits.PrimaryHDU(np.asarray(sky, dtype=np.uint8), header=hdr)]
+    if info.get("sky_fraction") is not None and not np.all(sky):
+        frac = fits.ImageHDU(np.asarray(info["sky_fraction"], dtype=np.float32), name=SKY_FRACTION_HDU)
+        frac.header["COMMENT"] = "share of each pixel's light that is sky (silhouette pixels: between)"
+        hdus.append(frac)
     with atomic_path(path, ".fits") as tmp:
-        fits.PrimaryHDU(np.asarray(sky, dtype=np.uint8), header=hdr).writeto(tmp)
+        fits.HDUList(hdus).writeto(tmp)
 
 
 def read_sky_mask(path) -> np.ndarray:
@@ -368,6 +375,14 @@ def read_sky_mask(path) -> np.ndarray:
     if data is None or data.ndim != 2:
         raise NightstackError(f"sky mask {path}: expected a 2D image")
     return np.asarray(data) > 0
+
+
+def read_sky_fraction(path):
+    """The SKYFRAC map (H, W) float32 of sky_mask.fits, or None (not an auto mask)."""
+    from astropy.io import fits
+
+    with fits.open(path) as hdul:
+        return np.asarray(hdul[SKY_FRACTION_HDU].data, np.float32) if SKY_FRACTION_HDU in hdul else None
 
 
 # --------------------------------------------------------------------------- reference
@@ -728,7 +743,8 @@ def _landscape_stack(sky_mask, landscape_params, reference_path):
     if sky.all():
         return None
     cfg = landscape_config_from_dict(landscape_params)
-    return LandscapeStack(sky=sky, feather_px=cfg.feather_px, frozen_path=reference_path)
+    return LandscapeStack(sky=sky, feather_px=cfg.feather_px, frozen_path=reference_path,
+                          sky_fraction=read_sky_fraction(sky_mask))
 
 
 def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: dict, output_params: dict,
