@@ -66,7 +66,7 @@ log = logging.getLogger("nightstack")
 GROUND_KEYWORDS = ("auto", "none", "horizon")
 MASK_WHITE_LEVEL = 128  # mask image pixels at or above this (of 255) are sky
 MAX_MASK_FRAMES = 15  # the time-median uses at most this many frames, evenly spread
-MIN_CONTRAST_SIGMA = 15.0  # ground is at least this many noise sigmas darker than the sky
+MIN_CONTRAST_SIGMA = 10.0  # ground is at least this many noise sigmas darker than the sky
 MAX_EDGE_WIDTH_PX = 6.0  # silhouettes: contrast / boundary gradient at most this wide
 MIN_EDGE_SNR = 8.0  # ... and that gradient this many times the sky's typical (noise) gradient
 MAX_GROUND_FRACTION = 0.85  # a darker class covering more than this is sky, not ground
@@ -76,6 +76,7 @@ LEVEL_SMOOTH_FRACTION = 1.0 / 16  # Gaussian sigma of the local level maps, of t
 STAR_EDGE_MARGIN_PX = 4  # stars are sought this far from the ground (its edges excite the DoG)
 SKY_EDGE_MARGIN_PX = 1  # sky pixels next to the ground are mixed; the registered sky skips them
 MAD_TO_SIGMA = 1.4826
+FRAME_MASK_MAX_SIDE_PX = 2000  # per-frame masks (for the light-pollution fit) on frames binned to this
 
 
 @dataclass
@@ -169,9 +170,10 @@ def restore_light_pollution(luminance2d: np.ndarray, model_binned2d: np.ndarray,
 
 def otsu_threshold(values: np.ndarray, n_bins: int = 256) -> float:
     """Otsu's threshold of a 1D sample: the split maximising the between-class variance,
-    over the 0.1-99.9 percentile range (a few hot or black pixels do not stretch the bins)."""
+    over the 0.5-99 percentile range (stars, a satellite trail or black pixels neither stretch
+    the bins nor become a class of their own)."""
     values = values[np.isfinite(values)]
-    lo, hi = np.percentile(values, [0.1, 99.9])
+    lo, hi = np.percentile(values, [0.5, 99.0])
     if not hi > lo:
         return float(hi)
     counts, edges = np.histogram(np.clip(values, lo, hi), bins=n_bins, range=(lo, hi))
@@ -211,8 +213,23 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
 def _local_level(image2d: np.ndarray, where: np.ndarray, sigma_px: float) -> np.ndarray:
     """Smooth level map (H, W): Gaussian-weighted mean of ``image2d`` over pixels ``where``
     (normalised convolution; far from any such pixel it takes the nearest ones' level)."""
-    num = ndimage.gaussian_filter(np.where(where, image2d, 0.0), sigma_px, mode="nearest")
-    den = ndimage.gaussian_filter(where.astype(np.float64), sigma_px, mode="nearest")
+    # a wide Gaussian is slow at full size: blur block sums (blocks of a quarter sigma) and
+    # interpolate back; the level map is smooth on that scale anyway
+    b = max(1, int(sigma_px // 4))
+    height, width = image2d.shape
+    pad = ((0, -height % b), (0, -width % b))
+    sums = np.pad(np.where(where, image2d, 0.0), pad).reshape(
+        (height + pad[0][1]) // b, b, (width + pad[1][1]) // b, b).sum(axis=(1, 3))
+    counts = np.pad(where.astype(np.float64), pad).reshape(sums.shape[0], b, sums.shape[1], b).sum(axis=(1, 3))
+    num = ndimage.gaussian_filter(sums, sigma_px / b, mode="nearest")
+    den = ndimage.gaussian_filter(counts, sigma_px / b, mode="nearest") / (b * b)
+    num /= b * b
+    if b > 1:
+        yy = (np.arange(height) - (b - 1) / 2) / b
+        xx = (np.arange(width) - (b - 1) / 2) / b
+        coords = np.meshgrid(yy, xx, indexing="ij")
+        num = ndimage.map_coordinates(num, coords, order=1, mode="nearest")
+        den = ndimage.map_coordinates(den, coords, order=1, mode="nearest")
     with np.errstate(invalid="ignore", divide="ignore"):
         level = num / den
     if np.isfinite(level).all() and den.min() > 1e-6:
@@ -315,21 +332,52 @@ def sky_mask_from_frames(luminances, models=None) -> tuple[np.ndarray, dict]:
     return sky, {**info, "n_frames": len(frames)}
 
 
-def frame_ground(luminance2d: np.ndarray, cfg: LandscapeConfig) -> np.ndarray | None:
-    """Ground (H, W) bool of one frame before its light pollution is removed, or None (all
-    sky): the calibration fits the light-pollution model on the sky only, so a dark foreground
-    does not pull the model down and leave a bright rim along its silhouette. ``auto`` runs
-    find_sky_mask on the frame alone (the night's mask, from the time-median, comes later)."""
+def frame_sky(luminance2d: np.ndarray, cfg: LandscapeConfig):
+    """(sky (H, W) bool, sky fraction (H, W) float32) of one frame before its light pollution
+    is removed, or None when it is all sky. The calibration fits the light-pollution model on
+    the sky only (a dark foreground would pull it down and leave a bright rim along the
+    silhouette) and applies it to the sky only (``sky_model_only``). ``auto`` runs
+    find_sky_mask on the frame alone, binned when large (the night's mask comes later)."""
     height, width = luminance2d.shape
     if cfg.ground == "none":
         return None
+    fraction = None
     if cfg.ground == "horizon":
         sky = horizon_sky_mask(height, width, cfg.horizon_fraction)
     elif cfg.ground == "auto":
-        sky, _ = find_sky_mask(luminance2d)
+        factor = max(1, round(max(height, width) / FRAME_MASK_MAX_SIDE_PX))
+        sky, info = find_sky_mask(_bin_mean(luminance2d, factor) if factor > 1 else luminance2d)
+        fraction = info.get("sky_fraction")
+        if factor > 1:
+            sky, fraction = (_unbin(a, factor, height, width) for a in (sky, fraction))
     else:
         sky = read_mask_image(cfg.ground, height, width)
-    return None if sky.all() else ~sky
+    if sky.all():
+        return None
+    return sky, (sky.astype(np.float32) if fraction is None else fraction)
+
+
+def sky_model_only(model: np.ndarray, sky_fraction: np.ndarray) -> np.ndarray:
+    """The light-pollution model (C, H, W) as applied to a landscape frame: the fitted model on
+    the sky, only its median level on the ground (whose light does not follow the sky's glow;
+    a model carried into the ground would differ from frame to frame), mixed pixels in
+    proportion to their sky fraction (H, W). float32."""
+    level = np.median(model.reshape(len(model), -1), axis=1)[:, None, None]
+    return (level + sky_fraction[None] * (model - level)).astype(np.float32)
+
+
+def _unbin(image2d: np.ndarray, factor: int, height: int, width: int) -> np.ndarray:
+    """A block-binned map back to (height, width): blocks repeated, edges padded."""
+    up = np.repeat(np.repeat(image2d, factor, 0), factor, 1)
+    pad = [(0, max(0, height - up.shape[0])), (0, max(0, width - up.shape[1]))]
+    return np.pad(up, pad, mode="edge")[:height, :width]
+
+
+def _bin_mean(image2d: np.ndarray, factor: int) -> np.ndarray:
+    """Block mean of (H, W) by ``factor`` (trailing rows/columns that do not fill a block are
+    dropped)."""
+    h, w = (image2d.shape[0] // factor) * factor, (image2d.shape[1] // factor) * factor
+    return image2d[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
 
 
 def mask_frame_indices(n_frames: int, max_frames: int = MAX_MASK_FRAMES) -> np.ndarray:

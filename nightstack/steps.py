@@ -33,12 +33,13 @@ from .io import (
     write_json,
 )
 from .landscape import (
-    frame_ground,
+    frame_sky,
     horizon_sky_mask,
     landscape_config_from_dict,
     mask_frame_indices,
     read_mask_image,
     sky_mask_from_frames,
+    sky_model_only,
     star_search_mask,
 )
 from .loading import load_frame
@@ -177,10 +178,19 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
             header[card] = header_text(value) if isinstance(value, str) else value
     extra = []
     if background_params.get("before_stars", True):
-        ground = frame_ground(luminance(data), landscape_config_from_dict(landscape_params))
-        header["GNDFRAC"] = 0.0 if ground is None else round(float(ground.mean()), 6)
-        data, model = remove_background(data, background_config_from_dict(_bg_only(background_params)),
-                                        not_sky=ground)
+        found = frame_sky(luminance(data), landscape_config_from_dict(landscape_params))
+        header["GNDFRAC"] = 0.0 if found is None else round(float(1 - found[0].mean()), 6)
+        bg_cfg = background_config_from_dict(_bg_only(background_params))
+        if found is None:
+            data, model = remove_background(data, bg_cfg)
+        else:  # fitted on the sky, applied to the sky only
+            channels = data if data.ndim == 3 else data[None]
+            _, model = remove_background(channels, bg_cfg, not_sky=~found[0])
+            model = sky_model_only(model, found[1])
+            level = np.median(model.reshape(len(model), -1), axis=1)[:, None, None]
+            data = (channels - model + level).astype(np.float32).reshape(data.shape)
+            model = model.reshape(data.shape)
+            cal.notes.append(f"ground ({100 * (1 - found[0].mean()):.1f} %) kept out of the gradient")
         cal.notes.append("light-pollution gradient removed")
         extra.append(light_pollution_hdu(model))
     from astropy.io import fits
