@@ -519,8 +519,8 @@ def combine_with_rejection(values, cfg: StackConfig, weights=None, pixel_weights
     """Combine a stack along its first axis, also saying which values were rejected.
 
     values: (N, ...) array, NaN = missing. weights: (N,) or None, used by the means.
-    pixel_weights: optional (N, ...) >= 0 (broadcast to values), multiplying ``weights`` value by value in the means
-    (rejection statistics stay unweighted).
+    pixel_weights: optional (N, ...) >= 0 (broadcast to values), multiplying ``weights`` value
+    by value in the means (rejection statistics stay unweighted).
     Returns (combined (...) float32, NaN where no value; n_used (...) int32 = values that
     entered the result; rejected (N, ...) bool = finite values that clipping removed).
     """
