@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from test_workflow_landscape import (  # noqa: E402
+from test_workflow_landscape import (
     edge_energy_ratio,
     ghost_ratio,
     iou,
