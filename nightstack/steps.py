@@ -178,7 +178,11 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
             header[card] = header_text(value) if isinstance(value, str) else value
     extra = []
     if background_params.get("before_stars", True):
-        found = frame_sky(luminance(data), landscape_config_from_dict(landscape_params))
+        try:
+            found = frame_sky(luminance(data), landscape_config_from_dict(landscape_params))
+        except NightstackError as exc:  # a mask of another size: the sky_mask rule stops on it
+            log.warning("%s: %s; its light pollution is fitted over the whole frame", source, exc)
+            found = None
         header["GNDFRAC"] = 0.0 if found is None else round(float(1 - found[0].mean()), 6)
         bg_cfg = background_config_from_dict(_bg_only(background_params))
         if found is None:
