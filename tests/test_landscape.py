@@ -285,3 +285,32 @@ def test_light_pollution_model_is_fitted_on_the_sky_only():
     assert np.abs(model[~ground] - plane[~ground]).max() < 3
     _, blind = remove_background(img)
     assert np.abs(blind[near] - plane[near]).max() > 10  # control: the ground pulls it down
+
+
+def test_calibration_fits_the_gradient_on_the_sky_and_leaves_the_ground_level(tmp_path):
+    """ground: horizon: the light-pollution gradient of the sky is removed, the ground (bottom
+    30 %) only loses the model's median level, so its own texture and level stay; with
+    ground: none the model follows the ground too and lifts it towards the sky's level."""
+    from nightstack.steps import calibrate_step
+
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:H, 0:W].astype(float)
+    light = 300 + 0.5 * xx + 0.3 * yy + rng.normal(0, 2, (H, W))
+    ground_rows = slice(H - round(0.3 * H), H)
+    texture = ndimage.gaussian_filter(rng.normal(size=(H, W)), 2) * 20
+    light[ground_rows] = 60 + texture[ground_rows]
+    path = tmp_path / "light.fits"
+    fits.PrimaryHDU(light.astype(np.float32)).writeto(path)
+    results = {}
+    for ground in ("horizon", "none"):
+        out = tmp_path / f"cal_{ground}.fits"
+        calibrate_step(path, out, {}, {}, {"before_stars": True},
+                       {"ground": ground, "horizon_fraction": 0.3})
+        results[ground] = np.asarray(fits.getdata(out), float).reshape(H, W)
+        assert fits.getheader(out)["GNDFRAC"] == pytest.approx(0.3 if ground == "horizon" else 0.0)
+    kept = results["horizon"][ground_rows] - light[ground_rows]
+    assert np.ptp(kept) < 1e-3  # one constant for the whole ground
+    sky = results["horizon"][: H - round(0.3 * H) - 20]
+    assert np.ptp(ndimage.uniform_filter(sky, 15)[10:-10, 10:-10]) < 6  # gradient (~200 ADU) gone
+    lifted = results["none"][ground_rows] - light[ground_rows]
+    assert np.median(lifted) - np.median(kept) > 100
