@@ -348,6 +348,8 @@ def frame_sky(luminance2d: np.ndarray, cfg: LandscapeConfig):
         factor = max(1, round(max(height, width) / FRAME_MASK_MAX_SIDE_PX))
         sky, info = find_sky_mask(_bin_mean(luminance2d, factor) if factor > 1 else luminance2d)
         fraction = info.get("sky_fraction")
+        if sky.all():
+            return None
         if factor > 1:
             sky, fraction = (_unbin(a, factor, height, width) for a in (sky, fraction))
     else:

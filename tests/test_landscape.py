@@ -314,3 +314,20 @@ def test_calibration_fits_the_gradient_on_the_sky_and_leaves_the_ground_level(tm
     assert np.ptp(ndimage.uniform_filter(sky, 15)[10:-10, 10:-10]) < 6  # gradient (~200 ADU) gone
     lifted = results["none"][ground_rows] - light[ground_rows]
     assert np.median(lifted) - np.median(kept) > 100
+
+
+@pytest.mark.parametrize("with_ground", [False, True])
+def test_frame_mask_of_a_large_frame_is_found_binned_at_full_size(with_ground):
+    from nightstack.landscape import LandscapeConfig, frame_sky
+
+    rng = np.random.default_rng(6)
+    img = (100 + rng.normal(0, 3, (400, 3001))).astype(np.float32)  # binned by 2
+    if with_ground:
+        img[300:] = 10 + rng.normal(0, 3, (100, 3001))
+    found = frame_sky(img, LandscapeConfig())
+    if not with_ground:
+        assert found is None
+        return
+    sky, fraction = found
+    assert sky.shape == fraction.shape == img.shape
+    assert sky[:296].all() and not sky[304:].any()
