@@ -41,11 +41,18 @@ with the stack's rejection and weights; on the ground each frame's own calibrate
 used (``ground_values``: the sky's per-frame level normalisation does not apply to the ground;
 pixels on a silhouette get it in proportion to their sky fraction, stored with the mask).
 
-Composition (``compose``): ``w * sky + (1 - w) * ground``, where ``w`` ramps from 0 at the
-ground's edge to 1 at ``feather_px`` into the sky (``feather_weight``), so no ground pixel takes
-a registered-sky value; where no frame gives clean sky (near the horizon) the frozen stack is
-used. Sky values come only from source pixels whose interpolation kernel stays inside the
-source frame's sky (``source_ground``), so ground never smears into the sky.
+Per-frame light pollution (``frame_sky``, ``sky_model_only``): at calibration each frame's
+gradient is fitted on its sky and applied to the sky only (the ground loses only the model's
+median level), so the ground keeps the same level in every frame.
+
+Composition, per output tile of the stack (``LandscapeStack``): every frame's warped sky value
+gets a weight ``sky_taper`` of its source position's distance from the ground (0 within the
+kernel's reach + SKY_EDGE_MARGIN_PX, rising to 1 over ``feather_px``); weight-0 values are
+dropped, so ground never smears into the sky, and frames fade in and out smoothly, so the
+changing set of frames near the ground leaves no seams. The registered sky and the frozen
+stack are then joined, ``w * sky + (1 - w) * frozen`` (``compose``), with ``w`` the same taper
+of the reference pixel's own distance from the ground (``feather_weight``): 0 on the ground,
+so no ground pixel takes a registered-sky value.
 """
 
 from __future__ import annotations
@@ -479,10 +486,6 @@ class LandscapeStack:
             self.sky_fraction = self.sky.astype(np.float32)
         self._distance = ndimage.distance_transform_edt(self.sky).astype(np.float32)
         self._frozen = None
-
-    @property
-    def has_ground(self) -> bool:
-        return not self.sky.all()
 
     def for_warps(self, warps: list) -> LandscapeStack:
         """Check the mask fits the frames; the frozen pose is the reference frame's."""
