@@ -7,8 +7,6 @@ rule calibrate:
         f"{RESULTS}/{{night}}/calibrated/{{frame}}.fits",
     log:
         f"{RESULTS}/{{night}}/logs/calibrate/{{frame}}.log",
-    group:
-        "frame"
     conda:
         "../envs/nightstack.yaml"
     resources:

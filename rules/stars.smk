@@ -6,8 +6,6 @@ rule stars:
         f"{RESULTS}/{{night}}/stars/{{frame}}.ecsv",
     log:
         f"{RESULTS}/{{night}}/logs/stars/{{frame}}.log",
-    group:
-        "frame"
     conda:
         "../envs/nightstack.yaml"
     resources:
