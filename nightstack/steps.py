@@ -310,13 +310,15 @@ def sky_mask_step(night: str, calibrated: list, output, landscape_params: dict) 
     from astropy.io import fits
 
     cfg = landscape_config_from_dict(landscape_params)
-    usable = []
+    usable, reasons = [], []
     for path in calibrated:
         hdr = fits.getheader(path)
         if hdr.get("NSSTATUS") == "ok" and hdr.get("NAXIS", 0) >= 2:
             usable.append((path, (int(hdr["NAXIS2"]), int(hdr["NAXIS1"]))))
-    if not usable:
-        raise NightstackError(f"night '{night}' has no usable frame to find its sky mask on")
+        else:
+            reasons.append(f"{_source(hdr, Path(path).name)}: {_long_reason(hdr)}")
+    if not usable:  # said as the reference step would say it, frame by frame
+        raise NightstackError(f"night '{night}' has no usable frame ({'; '.join(reasons)})")
     shape = Counter(s for _, s in usable).most_common(1)[0][0]
     info = {}
     if cfg.ground == "none":
