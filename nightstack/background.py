@@ -413,13 +413,16 @@ def fit_background(image2d, cfg: BackgroundConfig | None = None, mask=None) -> n
     return _blend_planes(_patch_planes(img, grid, mask | ~np.isfinite(img), cfg), grid)
 
 
-def remove_background(image, cfg: BackgroundConfig | None = None, keep_level: bool = True):
+def remove_background(image, cfg: BackgroundConfig | None = None, keep_level: bool = True,
+                      not_sky=None):
     """Subtract the light-pollution model from each channel separately.
 
     image: (H, W) or (C, H, W) float, linear. Each channel gets its own model so a coloured glow
     leaves no tint; the star mask is shared, found on the channel mean (more signal). With
     ``keep_level`` each channel's median model level is added back, so the sky stays at a
-    positive pedestal and noise statistics stay meaningful.
+    positive pedestal and noise statistics stay meaningful. ``not_sky``: optional (H, W) bool,
+    True where the model must not be fitted (a landscape's ground); the model there is carried
+    over smoothly from the sky and subtracted like everywhere else.
     Returns (corrected, model), both float32 with the input's shape.
     """
     cfg = cfg or BackgroundConfig()
@@ -430,6 +433,8 @@ def remove_background(image, cfg: BackgroundConfig | None = None, keep_level: bo
     with np.errstate(invalid="ignore"):
         luminance = np.nanmean(channels, axis=0) if len(channels) > 1 else channels[0]
     mask = star_mask(luminance, cfg)
+    if not_sky is not None:
+        mask = mask | np.asarray(not_sky, dtype=bool)
     model = np.stack([fit_background(ch, cfg, mask=mask) for ch in channels])
     corrected = channels - model
     if keep_level:

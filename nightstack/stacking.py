@@ -543,10 +543,12 @@ def _check_weights(weights, n_frames: int) -> np.ndarray:
     return weights
 
 
-def combine_with_rejection(values, cfg: StackConfig, weights=None):
+def combine_with_rejection(values, cfg: StackConfig, weights=None, pixel_weights=None):
     """Combine a stack along its first axis, also saying which values were rejected.
 
     values: (N, ...) array, NaN = missing. weights: (N,) or None, used by the means.
+    pixel_weights: optional (N, ...) >= 0 (broadcast to values), multiplying ``weights`` value
+    by value in the means (rejection statistics stay unweighted).
     Returns (combined (...) float32, NaN where no value; n_used (...) int32 = values that
     entered the result; rejected (N, ...) bool = finite values that clipping removed).
     """
@@ -556,6 +558,9 @@ def combine_with_rejection(values, cfg: StackConfig, weights=None):
     n_frames, pixel_shape = values.shape[0], values.shape[1:]
     flat = values.reshape(n_frames, -1)
     weights = _check_weights(weights, n_frames)
+    if pixel_weights is not None:
+        pixel_weights = np.broadcast_to(np.asarray(pixel_weights, np.float32), values.shape)
+        weights = weights[:, None] * pixel_weights.reshape(n_frames, -1)
     finite = np.isfinite(flat)
     no_rejection = np.zeros_like(finite)
     if cfg.method == "max":
@@ -710,13 +715,15 @@ def _noise_curve_info(pooled, n_frames: int, probes: dict) -> dict | None:
 
 
 def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = None,
-                 progress=None, origin_px=None, fill_value: float = 0.0):
+                 progress=None, origin_px=None, fill_value: float = 0.0, landscape=None):
     """Warp all frames onto the reference grid and combine them, tile by tile.
 
     warps: one FrameWarp per accepted frame. out_shape: (C, H, W) of the reference grid, or
     of the output box when ``origin_px`` = (x0, y0), whole reference pixels: output pixel
     (row i, column j) is then reference pixel (x0 + j, y0 + i) (nightstack.framing).
     progress: optional callable, called with 1 after each tile (nightstack.logs.Progress).
+    landscape: optional nightstack.landscape.LandscapeStack: the sky is combined from sky
+    source pixels only and joined to the frozen (unregistered) ground along a feathered seam.
     Returns (image (C, H, W) float32, ``fill_value`` where no frame covers; coverage (H, W) int16 = number
     of frames covering each pixel; info dict with the tile plan, rejected-pixel fraction per
     frame, skipped frames, notes and ``noise_curve``: the background noise (ADU) of the
@@ -734,7 +741,11 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
             f" ({len(skipped)} unreadable)" if skipped else ""))
     n_frames = len(warps)
     weights = np.array([w.weight for w in warps]) if cfg.weighting != "none" else None
-    plan = plan_tiles(n_frames, (n_channels, height, width), cfg.memory_mb)
+    if landscape is not None:  # frame indices may have shifted by skipped frames
+        landscape = landscape.for_warps(warps)
+    # a landscape night holds a second (frozen) stack per tile
+    plan = plan_tiles(n_frames * (1 if landscape is None else 2), (n_channels, height, width),
+                      cfg.memory_mb)
     notes = []
     if weights is not None and cfg.method in ("median", "max"):
         notes.append(f"noise weights are not used by the {cfg.method} method")
@@ -760,9 +771,14 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
         coverage[y0:y1, x0:x1] = finite.sum(axis=0, dtype=np.int16).max(axis=0)
         valid_count += finite.reshape(n_frames, -1).sum(axis=1)
         del finite
-        combined, _, rejected = combine_with_rejection(stack, cfg, weights)
+        ref_tile = (y0 + oy, y1 + oy, x0 + ox, x1 + ox)  # the tile in reference pixels
+        sky_weights = None if landscape is None else landscape.sky_weights(
+            stack, warps, ref_tile, cfg.interpolation)
+        combined, _, rejected = combine_with_rejection(stack, cfg, weights, sky_weights)
         rejected_count += rejected.reshape(n_frames, -1).sum(axis=1)
-        image[:, y0:y1, x0:x1] = np.nan_to_num(combined, nan=fill_value)
+        joined = combined if landscape is None else landscape.join_ground(
+            combined, warps, ref_tile, cfg, weights)
+        image[:, y0:y1, x0:x1] = np.nan_to_num(joined, nan=fill_value)
         if (y0, y1, x0, x1) in probes:
             probe_noise.append(_probe_noise(stack, combined, (y0, x0), probes[(y0, y1, x0, x1)],
                                             warps, weights))

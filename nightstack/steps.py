@@ -23,6 +23,7 @@ from .camera import Camera, default_focal_px
 from .errors import FrameError, NightstackError
 from .io import (
     CALIBRATED_FORMATS,
+    atomic_path,
     dither_seed,
     header_text,
     header_text_decoded,
@@ -33,6 +34,16 @@ from .io import (
     write_fits_image,
     write_json,
 )
+from .landscape import (
+    frame_sky,
+    horizon_sky_mask,
+    landscape_config_from_dict,
+    mask_frame_indices,
+    read_mask_image,
+    sky_mask_from_frames,
+    sky_model_only,
+    star_search_mask,
+)
 from .loading import load_frame
 from .logs import Progress, log
 from .registration import (
@@ -42,10 +53,11 @@ from .registration import (
     estimate_pose,
     solve_night,
 )
-from .stars import detect_stars_presmoothed, star_config_from_dict
+from .stars import detect_stars_presmoothed, luminance, star_config_from_dict
 
 SOFTWARE = f"nightstack {__version__}"
 LP_MODEL_HDU = "LPMODEL"
+SKY_FRACTION_HDU = "SKYFRAC"
 
 
 # --------------------------------------------------------------------------- masters
@@ -129,9 +141,11 @@ def _source(header, default) -> str:
 
 
 def calibrate_step(light, output, masters: dict, calib_params: dict, background_params: dict,
-                   frame_format: str = "compressed") -> None:
+                   landscape_params: dict | None = None, frame_format: str = "compressed") -> None:
     """Calibrate one light (raw mosaic), demosaic, remove the sky gradient, write the FITS.
 
+    landscape_params: config ``landscape``; the gradient is fitted on the frame's sky only
+    (nightstack.landscape.frame_ground), its ground fraction goes in card GNDFRAC.
     ``frame_format``: "float32" (plain primary image) or "compressed" (tile-compressed,
     quantised to 1/16 of the noise: io.compressed_image_hdu), as config output.calibrated_frames.
     """
@@ -171,7 +185,23 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
             header[card] = header_text(value) if isinstance(value, str) else value
     extra = []
     if background_params.get("before_stars", True):
-        data, model = remove_background(data, background_config_from_dict(_bg_only(background_params)))
+        try:
+            found = frame_sky(luminance(data), landscape_config_from_dict(landscape_params))
+        except NightstackError as exc:  # a mask of another size: the sky_mask rule stops on it
+            log.warning("%s: %s; its light pollution is fitted over the whole frame", source, exc)
+            found = None
+        header["GNDFRAC"] = 0.0 if found is None else round(float(1 - found[0].mean()), 6)
+        bg_cfg = background_config_from_dict(_bg_only(background_params))
+        if found is None:
+            data, model = remove_background(data, bg_cfg)
+        else:  # fitted on the sky, applied to the sky only
+            channels = data if data.ndim == 3 else data[None]
+            _, model = remove_background(channels, bg_cfg, not_sky=~found[0])
+            model = sky_model_only(model, found[1])
+            level = np.median(model.reshape(len(model), -1), axis=1)[:, None, None]
+            data = (channels - model + level).astype(np.float32).reshape(data.shape)
+            model = model.reshape(data.shape)
+            cal.notes.append(f"ground ({100 * (1 - found[0].mean()):.1f} %) kept out of the gradient")
         cal.notes.append("light-pollution gradient removed")
         extra.append(light_pollution_hdu(model))
     from astropy.io import fits
@@ -210,17 +240,26 @@ def _bg_only(params: dict) -> dict:
 # --------------------------------------------------------------------------- stars
 
 
-def channel_levels(data: np.ndarray, step: int = 4):
-    """Per-channel sky level and noise (ADU) of a (C, H, W) image, from a subsample."""
+def channel_levels(data: np.ndarray, step: int = 4, sky=None):
+    """Per-channel sky level and noise (ADU) of a (C, H, W) image, from a subsample.
+
+    sky: optional (H, W) bool, True = sky; the ground of a landscape night is left out.
+    """
     sub = np.asarray(data[:, ::step, ::step], dtype=np.float32)
+    if sky is not None and not sky.all():
+        sub = np.where(sky[::step, ::step][None], sub, np.nan)
     med = np.nanmedian(sub.reshape(sub.shape[0], -1), axis=1)
     mad = np.nanmedian(np.abs(sub.reshape(sub.shape[0], -1) - med[:, None]), axis=1)
     # the subsample skips pixels, so neighbour correlation from demosaicing is mostly avoided
     return med, 1.4826 * mad
 
 
-def stars_step(calibrated, output, star_params: dict) -> None:
-    """Detect stars in a calibrated frame and write the catalog (ECSV) with frame statistics."""
+def stars_step(calibrated, output, star_params: dict, sky_mask=None) -> None:
+    """Detect stars in a calibrated frame and write the catalog (ECSV) with frame statistics.
+
+    sky_mask: optional path of the night's sky_mask.fits; stars are sought in the sky only
+    (nightstack.landscape.star_search_mask) and the sky level and noise come from the sky.
+    """
     data, header = read_fits_image(calibrated, memmap=False)
     source = _source(header, Path(calibrated).name)
     if header.get("NSSTATUS") != "ok" or data is None:
@@ -232,8 +271,10 @@ def stars_step(calibrated, output, star_params: dict) -> None:
     cfa_presmooth = float(params.pop("cfa_presmooth_px", 1.0))
     cfg = star_config_from_dict(params)
     presmooth = cfa_presmooth if header.get("BAYERPAT") else 0.0
-    table = detect_stars_presmoothed(data, cfg, presmooth)
-    bg, noise = channel_levels(data)
+    sky = _frame_sky(sky_mask, data.shape[-2:], source)
+    search = None if sky is None else star_search_mask(sky)
+    table = detect_stars_presmoothed(data, cfg, presmooth, mask=search)
+    bg, noise = channel_levels(data if data.ndim == 3 else data[None], sky=sky)
     table.meta.update(
         status="ok",
         source=source,
@@ -253,6 +294,119 @@ def stars_step(calibrated, output, star_params: dict) -> None:
         table.meta.update(status="rejected", reason=f"only {len(table)} stars detected")
     write_catalog(output, table)
     log.info("%s: %d stars, median FWHM %.2f px", source, len(table), table.meta.get("fwhm_px_median", float("nan")))
+
+
+def _frame_sky(sky_mask, shape, source):
+    """The night's sky mask (H, W) bool for a frame of ``shape``, or None (no mask, all sky, or
+    a frame of another size: that is said in the log)."""
+    if not sky_mask:
+        return None
+    sky = read_sky_mask(sky_mask)
+    if sky.shape != tuple(shape):
+        log.warning("%s: %s px, but the sky mask is %s px: the whole frame is searched", source,
+                    "x".join(map(str, shape[::-1])), "x".join(map(str, sky.shape[::-1])))
+        return None
+    return None if sky.all() else sky
+
+
+# --------------------------------------------------------------------------- sky mask
+
+
+def sky_mask_step(night: str, calibrated: list, output, landscape_params: dict) -> None:
+    """Write the night's sky mask (uint8, 1 = sky, on the lights' pixel grid; see
+    nightstack.landscape) from config ``landscape``."""
+    from astropy.io import fits
+
+    cfg = landscape_config_from_dict(landscape_params)
+    usable, reasons = [], []
+    for path in calibrated:
+        hdr = fits.getheader(path)
+        if hdr.get("NSSTATUS") == "ok" and hdr.get("NAXIS", 0) >= 2:
+            usable.append((path, (int(hdr["NAXIS2"]), int(hdr["NAXIS1"]))))
+        else:
+            reasons.append(f"{_source(hdr, Path(path).name)}: {_long_reason(hdr)}")
+    if not usable:  # said as the reference step would say it, frame by frame
+        raise NightstackError(f"night '{night}' has no usable frame ({'; '.join(reasons)})")
+    shape = Counter(s for _, s in usable).most_common(1)[0][0]
+    info = {}
+    if cfg.ground == "none":
+        sky, source = np.ones(shape, dtype=bool), "none"
+    elif cfg.ground == "horizon":
+        sky, source = horizon_sky_mask(*shape, cfg.horizon_fraction), f"horizon {cfg.horizon_fraction:g}"
+    elif cfg.ground == "auto":
+        paths = [p for p, s in usable if s == shape]
+        paths = [paths[i] for i in mask_frame_indices(len(paths))]
+        sky, info = sky_mask_from_frames(*_luminances_and_models(paths))
+        source = "auto"
+    else:
+        sky, source = read_mask_image(cfg.ground, *shape), f"file {Path(cfg.ground).name}"
+    write_sky_mask(output, sky, source, info)
+    why = f" ({info['reason']})" if info.get("reason") else ""
+    log.info("night %s: sky mask from %s, ground %.1f %% of the frame%s", night, source,
+             100 * (1 - sky.mean()), why)
+
+
+def _luminances_and_models(paths):
+    """Luminance (H, W) of each calibrated frame and its (binned LPMODEL luminance, factor)."""
+    from astropy.io import fits
+
+    lums, models = [], []
+    for path in paths:
+        with fits.open(path, memmap=True) as hdul:
+            lums.append(luminance(hdul[0].data))
+            model = None
+            if LP_MODEL_HDU in hdul:
+                hdu = hdul[LP_MODEL_HDU]
+                model = (luminance(hdu.data), int(hdu.header.get("BINFACT", 1)))
+            models.append(model)
+    return lums, models
+
+
+def write_sky_mask(path, sky: np.ndarray, source: str, info: dict | None = None) -> None:
+    """sky_mask.fits: uint8 (H, W), 1 = sky, 0 = ground; cards NSMASK (where it came from),
+    GNDFRAC (ground fraction of the frame) and, for auto masks, the figures it was judged by;
+    an auto mask with ground also holds the SKYFRAC extension (float32 sky share per pixel)."""
+    from astropy.io import fits
+
+    info = info or {}
+    hdr = fits.Header()
+    hdr["NSMASK"] = (header_text(source), "source of the sky mask")
+    hdr["GNDFRAC"] = (round(float(1 - np.mean(sky)), 6), "fraction of the frame that is ground")
+    hdr["SKYVALUE"] = (1, "pixel value of the sky (ground = 0)")
+    hdr["SOFTWARE"] = SOFTWARE
+    if info.get("contrast_sigma") is not None:
+        hdr["CONTRAST"] = (round(float(info["contrast_sigma"]), 3), "sky - ground level, noise sigmas")
+    if info.get("edge_width_px") is not None and np.isfinite(info["edge_width_px"]):
+        hdr["EDGEWID"] = (round(float(info["edge_width_px"]), 3), "contrast / boundary gradient (px)")
+    if info.get("n_frames"):
+        hdr["NFRAMES"] = (int(info["n_frames"]), "frames in the time-median")
+    if info.get("reason"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+            hdr["NSREASON"] = header_text(info["reason"])
+    hdus = [fits.PrimaryHDU(np.asarray(sky, dtype=np.uint8), header=hdr)]
+    if info.get("sky_fraction") is not None and not np.all(sky):
+        frac = fits.ImageHDU(np.asarray(info["sky_fraction"], dtype=np.float32), name=SKY_FRACTION_HDU)
+        frac.header["COMMENT"] = "share of each pixel's light that is sky (silhouette pixels: between)"
+        hdus.append(frac)
+    with atomic_path(path, ".fits") as tmp:
+        fits.HDUList(hdus).writeto(tmp)
+
+
+def read_sky_mask(path) -> np.ndarray:
+    """Sky mask (H, W) bool (True = sky) from sky_mask.fits."""
+    data, _ = read_fits_image(path, memmap=False)
+    if data is None or data.ndim != 2:
+        raise NightstackError(f"sky mask {path}: expected a 2D image")
+    return np.asarray(data) > 0
+
+
+def read_sky_fraction(path):
+    """The SKYFRAC map (H, W) float32 of sky_mask.fits, or None (not an auto mask)."""
+    from astropy.io import fits
+
+    with fits.open(path) as hdul:
+        return np.asarray(hdul[SKY_FRACTION_HDU].data, np.float32) if SKY_FRACTION_HDU in hdul else None
 
 
 # --------------------------------------------------------------------------- reference
@@ -541,8 +695,13 @@ def frame_weight(noise_adu, fwhm_px, weighting: str) -> float:
     return 1.0 / var
 
 
-def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, output, stack_params: dict) -> None:
+def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, output, stack_params: dict,
+               sky_mask=None, landscape_params: dict | None = None) -> None:
     """Reproject every accepted frame into the reference and combine; write the linear stack.
+
+    sky_mask: optional sky_mask.fits of the night; with ground in it, the sky is stacked from
+    sky pixels only and the ground frozen (nightstack.landscape), joined over
+    ``landscape_params['feather_px']``.
 
     ``stack_params["framing"]`` (reference | crop | maximize, nightstack.framing) chooses the
     box of reference pixels the stack covers; it is recorded in the FITS header and the info.
@@ -586,10 +745,14 @@ def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, outp
     box, framing_info = output_box(framing, warps, ref_cam.width_px, ref_cam.height_px)
     out_shape = (n_channels, box.height_px, box.width_px)
     framed = framing != "reference"
+    landscape = _landscape_stack(sky_mask, landscape_params, str(calibrated[ref_id]))
     progress = Progress(f"stacking night {night}", 1)
     image, coverage, info = stack_frames(
         warps, out_shape, cfg, progress=None, origin_px=(box.x0_px, box.y0_px) if framed else None,
-        fill_value=np.nan if framed else 0.0)
+        fill_value=np.nan if framed else 0.0, landscape=landscape)
+    if landscape is not None:
+        info["landscape"] = {"ground_fraction": float(1 - landscape.sky.mean()),
+                             "feather_px": landscape.feather_px, "frozen_pose": ref_id}
     progress()
     info["framing"] = {**box.as_dict(), **framing_info,
                        "convention": "stack pixel (row i, column j) is reference pixel "
@@ -608,8 +771,39 @@ def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, outp
     log.info("night %s: stacked %d frames (%s)", night, len(used), info)
 
 
+def _ground_in_stack(sky_mask, header, shape) -> np.ndarray | None:
+    """Ground pixels (bool (h, w)) of a stack of ``shape`` whose header may place it on the
+    reference grid (framing cards NSREFX0/NSREFY0); None when the night is all sky. Pixels
+    outside the reference frame count as sky."""
+    from .landscape import reference_window
+
+    if not sky_mask:
+        return None
+    sky = read_sky_mask(sky_mask)
+    if sky.all():
+        return None
+    x0, y0 = int(header.get("NSREFX0", 0)), int(header.get("NSREFY0", 0))
+    height, width = shape
+    window = reference_window(sky.astype(np.float32), (y0, y0 + height, x0, x0 + width), 1.0)
+    return window < 0.5
+
+
+def _landscape_stack(sky_mask, landscape_params, reference_path):
+    """LandscapeStack of a night whose sky mask holds ground, else None (all sky)."""
+    from .landscape import LandscapeStack
+
+    if not sky_mask:
+        return None
+    sky = read_sky_mask(sky_mask)
+    if sky.all():
+        return None
+    cfg = landscape_config_from_dict(landscape_params)
+    return LandscapeStack(sky=sky, feather_px=cfg.feather_px, frozen_path=reference_path,
+                          sky_fraction=read_sky_fraction(sky_mask))
+
+
 def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: dict, output_params: dict,
-                 out_model=None) -> None:
+                 out_model=None, sky_mask=None) -> None:
     """Final gradient removal, then stack.fits (float32 + provenance), 16-bit TIFF, PNG preview.
 
     Pixels no frame covers (NaN, framing maximize) stay NaN in the FITS, are left out of the
@@ -617,7 +811,8 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
 
     out_model: optional path of the light-pollution model (FITS, ADU, binned to <= 256 px on the
     long side; see outputs.write_background_model). It is fitted even when ``after_stack`` is
-    off (then it is only shown, not subtracted).
+    off (then it is only shown, not subtracted). sky_mask: optional sky_mask.fits of the
+    night; the model is then fitted on the sky alone (the ground is no light pollution).
     """
     from astropy.io import fits
 
@@ -641,10 +836,12 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
     remove = background_params.get("after_stack", True)
     if remove or out_model:
         valid = np.isfinite(image)
+        ground = _ground_in_stack(sky_mask, header, image.shape[-2:])
         # the fit masks non-finite pixels itself (nightstack.background)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # uncovered
-            corrected, model = remove_background(image, background_config_from_dict(_bg_only(background_params)))
+            corrected, model = remove_background(
+                image, background_config_from_dict(_bg_only(background_params)), not_sky=ground)
         if remove:
             image = np.where(valid, corrected, np.nan).astype(np.float32)
         if out_model:
@@ -698,8 +895,9 @@ def demo_step(folder, params: dict) -> None:
 # --------------------------------------------------------------------------- star trails
 
 
-def trails_step(night: str, calibrated: list, output, trails_params: dict) -> None:
-    """Star-trail mode: no registration; frames in time order, lighten (or average) stack."""
+def trails_step(night: str, calibrated: list, output, trails_params: dict, sky_mask=None) -> None:
+    """Star-trail mode: no registration; frames in time order, lighten (or average) stack.
+    sky_mask: optional sky_mask.fits of the night: its ground stays frozen (no gap copies)."""
     from astropy.io import fits
 
     from .outputs import stack_header, write_stack_fits
@@ -719,7 +917,8 @@ def trails_step(night: str, calibrated: list, output, trails_params: dict) -> No
     usable.sort()
     cfg = trails_config_from_dict(trails_params)
     progress = Progress(f"star trails of night {night}", len(usable))
-    image, info = stack_trails([u[2] for u in usable], cfg, progress=progress)
+    sky = read_sky_mask(sky_mask) if sky_mask else None
+    image, info = stack_trails([u[2] for u in usable], cfg, progress=progress, sky=sky)
     skipped = {s["path"] for s in info.get("skipped", [])}
     used = [u for u in usable if u[2] not in skipped]
     exptimes = [u[3] for u in used if u[3]]

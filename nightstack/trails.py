@@ -52,8 +52,10 @@ by calibration) are removed from the copies by a vectorised 3x3 test: a pixel fa
 3x3 median whose 8 neighbours stay near the sky is replaced by that median. The frame itself
 enters the maximum untouched, so a hot pixel stays the dot it is in every frame.
 
-Limitations: a landscape foreground does not move either, and the copies smear its edges
-along the sky's motion (sky/ground masks are a later issue). Hot pixels of demosaiced colour
+Landscape foreground: with a sky mask (the night's sky_mask.fits, see nightstack.landscape) the
+motion is measured on stars of the sky only, and the gap copies take only sky pixels (kernel
+clear of the ground) and land only on the sky, so the ground stays frozen: it is the plain
+per-pixel maximum of the frames, never dragged along the sky's motion. Hot pixels of demosaiced colour
 frames are 2x2..3x3 blobs, not single pixels, and are not caught by the 3x3 test; calibrate
 with darks. Paths must be given in time order.
 
@@ -75,6 +77,7 @@ from scipy.spatial import cKDTree
 from .errors import FrameError, NightstackError
 from .settings import settings_from_dict
 from .io import read_fits_image
+from .landscape import source_ground, star_search_mask
 from .matching import match_coarse, mutual_nearest
 from .stars import StarConfig, detect_stars
 
@@ -228,11 +231,12 @@ def comet_fade_factor(time_index: float, n_frames: int, comet_fade: float) -> fl
 # ---------------------------------------------------------------------------- sky motion
 
 
-def star_positions(frame: np.ndarray) -> np.ndarray:
-    """Pixel positions (N, 2) of a frame's stars, brightest first (empty if none found)."""
+def star_positions(frame: np.ndarray, mask=None) -> np.ndarray:
+    """Pixel positions (N, 2) of a frame's stars, brightest first (empty if none found).
+    mask: optional (H, W) bool, True where stars may be found (the sky)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # overflow in rejected trial fits
-        table = detect_stars(frame, MOTION_STAR_CONFIG)
+        table = detect_stars(frame, MOTION_STAR_CONFIG, mask=mask)
     if len(table) == 0:
         return np.zeros((0, 2))
     return np.column_stack([np.asarray(table["x"]), np.asarray(table["y"])])
@@ -366,15 +370,19 @@ def warp_by_affine(image2d: np.ndarray, matrix: np.ndarray, out: np.ndarray) -> 
 
 
 def add_gap_copies(acc: np.ndarray, cleaned: np.ndarray, motion: np.ndarray, cfg: TrailsConfig,
-                   frame_index: int, n_frames: int) -> None:
+                   frame_index: int, n_frames: int, ground=None) -> None:
     """Maximise ``gap_steps`` copies of the (sky-subtracted, cleaned) current frame into ``acc``.
 
     ``motion`` maps the previous frame's pixels to this frame's; copy s sits at the fraction
     f = s / (gap_steps + 1) of the way back to the previous frame and is faded as at time
     ``frame_index - f`` (``cleaned`` already carries the fade of ``frame_index``).
-    acc and cleaned: (C, H, W) float32.
+    acc and cleaned: (C, H, W) float32. ground: optional (H, W) bool, True on the fixed
+    foreground: copies neither read from it (grown by the bilinear reach and a margin) nor
+    land on it.
     """
     warped = np.empty(cleaned.shape[1:], dtype=np.float32)
+    if ground is not None and ground.any():
+        cleaned = np.where(source_ground(~ground, 1)[None], np.nan, cleaned).astype(np.float32)
     log_motion = motion_logarithm(motion)
     for step in range(1, cfg.gap_steps + 1):
         fraction = step / (cfg.gap_steps + 1)
@@ -386,17 +394,21 @@ def add_gap_copies(acc: np.ndarray, cleaned: np.ndarray, motion: np.ndarray, cfg
             warp_by_affine(cleaned[channel], sample_matrix, warped)
             if fade != 1.0:
                 warped *= fade
+            if ground is not None:
+                warped[ground] = np.nan  # fmax keeps the accumulator there
             np.fmax(acc[channel], warped, out=acc[channel])
 
 
 # ---------------------------------------------------------------------------- the combine
 
 
-def stack_trails(paths: list[str], cfg: TrailsConfig, progress=None) -> tuple[np.ndarray, dict]:
+def stack_trails(paths: list[str], cfg: TrailsConfig, progress=None,
+                 sky=None) -> tuple[np.ndarray, dict]:
     """Combine calibrated frames, given in time order, into a star-trail image.
 
     paths: FITS files, primary HDU float (C, H, W) or (H, W), all the same shape.
     progress: optional callable, called with 1 after each frame (nightstack.logs.Progress).
+    sky: optional (H, W) bool sky mask (True = sky) of the frames: the ground stays frozen.
     Returns (image float32 with the frames' shape, info). info: n_frames (used), skipped
     ([{path, reason}] of unusable frames, which are left out), method, mean_sky (per channel,
     ADU), gap_fill (effective), gaps_filled, gaps_unfilled, substep_px_max, hot_pixels_suppressed,
@@ -417,6 +429,7 @@ def stack_trails(paths: list[str], cfg: TrailsConfig, progress=None) -> tuple[np
     }
     acc, shape, sky_sum, n_used, is_2d = None, None, None, 0, False
     prev_xy, last_motion = None, None
+    ground = None if sky is None or np.all(sky) else ~np.asarray(sky, dtype=bool)
     for index, path in enumerate(paths):
         try:
             frame, is_2d = read_trail_frame(path, shape)
@@ -427,21 +440,24 @@ def stack_trails(paths: list[str], cfg: TrailsConfig, progress=None) -> tuple[np
                 progress(1)
             continue
         shape = frame.shape
-        sky = sky_levels(frame)
+        if ground is not None and ground.shape != shape[1:]:
+            raise NightstackError(f"star trails: sky mask is {ground.shape[1]}x{ground.shape[0]} px "
+                                  f"but {path} is {shape[2]}x{shape[1]} px")
+        sky_adu = sky_levels(frame)
         noise_floor = quantisation_floor_adu(frame)
-        sky_sum = sky if sky_sum is None else sky_sum + sky
+        sky_sum = sky_adu if sky_sum is None else sky_sum + sky_adu
         n_used += 1
         fade = comet_fade_factor(index, n_frames, cfg.comet_fade)
         if cfg.method == "average":
-            acc = _accumulate_gamma(acc, frame, sky, fade, cfg.gamma)
+            acc = _accumulate_gamma(acc, frame, sky_adu, fade, cfg.gamma)
         else:
-            frame -= sky[:, None, None].astype(np.float32)
+            frame -= sky_adu[:, None, None].astype(np.float32)
             if fade != 1.0:
                 frame *= fade  # only the above-sky signal fades: the sky is already removed
             acc = frame.copy() if acc is None else np.fmax(acc, frame, out=acc)
             if gap_fill:
                 prev_xy, last_motion = _fill_gap(acc, frame, index, n_frames, prev_xy,
-                                                 last_motion, cfg, info, noise_floor * fade)
+                                                 last_motion, cfg, info, noise_floor * fade, ground)
         del frame
         if progress is not None:
             progress(1)
@@ -472,7 +488,8 @@ def _accumulate_gamma(acc, frame, sky, fade, gamma) -> np.ndarray:
     return linear if acc is None else np.add(acc, linear, out=acc)
 
 
-def _fill_gap(acc, frame, index, n_frames, prev_xy, last_motion, cfg, info, noise_floor_adu):
+def _fill_gap(acc, frame, index, n_frames, prev_xy, last_motion, cfg, info, noise_floor_adu,
+              ground=None):
     """Clean the current (sky-subtracted) frame, measure the motion since the previous one and
     maximise the gap copies into ``acc``. Returns (this frame's star positions, motion used)."""
     cleaned = np.empty_like(frame)
@@ -480,7 +497,7 @@ def _fill_gap(acc, frame, index, n_frames, prev_xy, last_motion, cfg, info, nois
         cleaned[channel], n_hot = suppress_single_pixel_outliers(
             frame[channel], cfg.hot_pixel_sigma, noise_floor_adu)
         info["hot_pixels_suppressed"] += n_hot
-    cur_xy = star_positions(cleaned)
+    cur_xy = star_positions(cleaned, None if ground is None else star_search_mask(~ground))
     if prev_xy is None:
         return cur_xy, last_motion
     measured = estimate_sky_motion(prev_xy, cur_xy)
@@ -502,6 +519,6 @@ def _fill_gap(acc, frame, index, n_frames, prev_xy, last_motion, cfg, info, nois
                   angle_deg=float(np.degrees(np.arctan2(motion[1, 0], motion[0, 0]))))
     info["motions"].append(record)
     info["substep_px_max"] = max(info["substep_px_max"], extent / (cfg.gap_steps + 1))
-    add_gap_copies(acc, cleaned, motion, cfg, index, n_frames)
+    add_gap_copies(acc, cleaned, motion, cfg, index, n_frames, ground)
     info["gaps_filled"] += 1
     return cur_xy, motion

@@ -2,12 +2,13 @@ rule calibrate:
     input:
         unpack(light_masters),
         light=light_input,
+        landscape_mask=landscape_mask_input,
     output:
         f"{RESULTS}/{{night}}/calibrated/{{frame}}.fits",
     log:
         f"{RESULTS}/{{night}}/logs/calibrate/{{frame}}.log",
     group:
-        "frame"
+        "calibrate"
     conda:
         "../envs/nightstack.yaml"
     resources:
@@ -18,5 +19,6 @@ rule calibrate:
         calibration=config["calibration"],
         background=config["background"],
         frame_format=config["output"].get("calibrated_frames", "compressed"),
+        landscape=landscape_params(),
     script:
         "../scripts/calibrate.py"

@@ -7,6 +7,7 @@ from snakemake.logging import logger
 
 from nightstack import config as ns_config
 from nightstack import demo as ns_demo
+from nightstack import landscape as ns_landscape
 from nightstack import loading as ns_loading
 from nightstack.errors import NightstackError
 
@@ -175,6 +176,29 @@ def demo_truth_files():
 
 def demo_params():
     return config.get("demo", {})
+
+
+def landscape_params():
+    return config.get("landscape", {})
+
+
+def landscape_mask_input(wildcards):
+    """The mask image of config landscape.ground, when it names one (a tracked input)."""
+    ground = str(landscape_params().get("ground", "auto")).strip()
+    return [] if ground.lower() in ns_landscape.GROUND_KEYWORDS else [ground]
+
+
+def _check_landscape_mask():
+    """A mask image that does not exist stops the workflow at once, naming it."""
+    for path in landscape_mask_input(None):
+        if not Path(path).is_file():
+            raise WorkflowError(
+                f"nightstack: config landscape.ground: mask image {path} does not exist "
+                "(give auto, none, horizon or the path of an image the size of the lights)"
+            )
+
+
+_check_landscape_mask()
 
 
 def final_stack(wildcards):

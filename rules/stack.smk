@@ -3,6 +3,7 @@ rule stack:
         calibrated=calibrated_of,
         catalogs=catalogs_of,
         solution=f"{RESULTS}/{{night}}/solution.json",
+        sky_mask=f"{RESULTS}/{{night}}/sky_mask.fits",
     output:
         fits=f"{RESULTS}/{{night}}/stack_linear.fits",
         info=f"{RESULTS}/{{night}}/stack_linear.json",
@@ -16,6 +17,7 @@ rule stack:
         runtime=120,
     params:
         stacking=config["stacking"],
+        landscape=landscape_params(),
         frames=frame_list,
     script:
         "../scripts/stack.py"
@@ -24,6 +26,7 @@ rule stack:
 rule trails:
     input:
         calibrated=calibrated_of,
+        sky_mask=f"{RESULTS}/{{night}}/sky_mask.fits",
     output:
         fits=f"{RESULTS}/{{night}}/stack_trails.fits",
         info=f"{RESULTS}/{{night}}/stack_trails.json",
@@ -42,7 +45,8 @@ rule trails:
 
 rule outputs:
     input:
-        final_stack,
+        stack=final_stack,
+        sky_mask=f"{RESULTS}/{{night}}/sky_mask.fits",
     output:
         fits=f"{RESULTS}/{{night}}/stack.fits",
         tiff=f"{RESULTS}/{{night}}/stack.tif",

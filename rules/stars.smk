@@ -1,12 +1,13 @@
 rule stars:
     input:
-        f"{RESULTS}/{{night}}/calibrated/{{frame}}.fits",
+        calibrated=f"{RESULTS}/{{night}}/calibrated/{{frame}}.fits",
+        sky_mask=f"{RESULTS}/{{night}}/sky_mask.fits",
     output:
         f"{RESULTS}/{{night}}/stars/{{frame}}.ecsv",
     log:
         f"{RESULTS}/{{night}}/logs/stars/{{frame}}.log",
     group:
-        "frame"
+        "stars"
     conda:
         "../envs/nightstack.yaml"
     resources:

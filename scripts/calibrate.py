@@ -11,6 +11,7 @@ run_step(
     masters,
     snakemake.params.calibration,
     snakemake.params.background,
+    snakemake.params.landscape,
     snakemake.params.frame_format,
     log_path=snakemake.log[0],
 )

@@ -12,5 +12,7 @@ run_step(
     dict(zip(frames, snakemake.input.catalogs)),
     snakemake.output.fits,
     snakemake.params.stacking,
+    sky_mask=snakemake.input.sky_mask,
+    landscape_params=snakemake.params.landscape,
     log_path=snakemake.log[0],
 )

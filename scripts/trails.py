@@ -9,5 +9,6 @@ run_step(
     list(snakemake.input.calibrated),
     snakemake.output.fits,
     snakemake.params.trails,
+    sky_mask=snakemake.input.sky_mask,
     log_path=snakemake.log[0],
 )

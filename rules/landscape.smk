@@ -1,0 +1,17 @@
+rule sky_mask:
+    input:
+        calibrated=calibrated_of,
+        mask=landscape_mask_input,
+    output:
+        f"{RESULTS}/{{night}}/sky_mask.fits",
+    log:
+        f"{RESULTS}/{{night}}/logs/sky_mask.log",
+    conda:
+        "../envs/nightstack.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    params:
+        landscape=landscape_params(),
+    script:
+        "../scripts/sky_mask.py"
