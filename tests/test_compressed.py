@@ -178,4 +178,4 @@ def test_trail_frames_read_compressed(tmp_path):
 
 def test_calibrate_step_rejects_an_unknown_format(tmp_path):
     with pytest.raises(NightstackError, match="calibrated_frames"):
-        calibrate_step(tmp_path / "light.fits", tmp_path / "out.fits", {}, {}, {}, "float16")
+        calibrate_step(tmp_path / "light.fits", tmp_path / "out.fits", {}, {}, {}, frame_format="float16")

@@ -305,7 +305,7 @@ def test_calibration_fits_the_gradient_on_the_sky_and_leaves_the_ground_level(tm
     for ground in ("horizon", "none"):
         out = tmp_path / f"cal_{ground}.fits"
         calibrate_step(path, out, {}, {}, {"before_stars": True},
-                       {"ground": ground, "horizon_fraction": 0.3})
+                       {"ground": ground, "horizon_fraction": 0.3}, frame_format="float32")
         results[ground] = np.asarray(fits.getdata(out), float).reshape(H, W)
         assert fits.getheader(out)["GNDFRAC"] == pytest.approx(0.3 if ground == "horizon" else 0.0)
     kept = results["horizon"][ground_rows] - light[ground_rows]
