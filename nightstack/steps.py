@@ -27,6 +27,7 @@ from .io import (
     dither_seed,
     header_text,
     header_text_decoded,
+    image_hdu,
     read_catalog,
     read_fits_image,
     read_json,
@@ -320,9 +321,10 @@ def sky_mask_step(night: str, calibrated: list, output, landscape_params: dict) 
     cfg = landscape_config_from_dict(landscape_params)
     usable, reasons = [], []
     for path in calibrated:
-        hdr = fits.getheader(path)
-        if hdr.get("NSSTATUS") == "ok" and hdr.get("NAXIS", 0) >= 2:
-            usable.append((path, (int(hdr["NAXIS2"]), int(hdr["NAXIS1"]))))
+        with fits.open(path) as hdul:  # the image is the primary or a compressed extension
+            hdr, image_shape = hdul[0].header, image_hdu(hdul).shape
+        if hdr.get("NSSTATUS") == "ok" and len(image_shape) >= 2:
+            usable.append((path, tuple(int(v) for v in image_shape[-2:])))
         else:
             reasons.append(f"{_source(hdr, Path(path).name)}: {_long_reason(hdr)}")
     if not usable:  # said as the reference step would say it, frame by frame
@@ -353,7 +355,7 @@ def _luminances_and_models(paths):
     lums, models = [], []
     for path in paths:
         with fits.open(path, memmap=True) as hdul:
-            lums.append(luminance(hdul[0].data))
+            lums.append(luminance(image_hdu(hdul).data))
             model = None
             if LP_MODEL_HDU in hdul:
                 hdu = hdul[LP_MODEL_HDU]
