@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from astropy.io import fits
 from test_background import aperture_flux
 from workflow_helpers import snakemake, write_config
 
 from nightstack.background import large_scale_residual, star_mask
 from nightstack.camera import Camera, map_ref_to_frame
-from nightstack.io import read_json
+from nightstack.io import read_fits_image, read_json
 
 pytestmark = pytest.mark.workflow
 
@@ -150,9 +149,10 @@ def unremoved(normal, tmp_path_factory):
     return work / target
 
 
-def read_image(path, hdu=0) -> np.ndarray:
-    with fits.open(path) as hdul:
-        return np.asarray(hdul[hdu].data, dtype=np.float64)
+def read_image(path) -> np.ndarray:
+    """The image of a nightstack FITS file (float32 or tile-compressed calibrated frame)."""
+    data, _ = read_fits_image(path, memmap=False)
+    return np.asarray(data, dtype=np.float64)
 
 
 def bright_truth_stars(truth: dict, shape, n: int = 50, skip_brightest: int = 10):
