@@ -50,7 +50,10 @@ def write_tiff16(path, image, low=None, high=None) -> dict:
     clipped to 0..65535.
     """
     scaled, low, high = linear_scale(image, low, high)
-    data = np.ascontiguousarray(_to_hwc(np.round(scaled * UINT16_MAX).astype(np.uint16)))
+    scaled *= UINT16_MAX
+    np.rint(scaled, out=scaled)
+    data = np.ascontiguousarray(_to_hwc(scaled.astype(np.uint16)))
+    del scaled
     photometric = "rgb" if data.ndim == 3 else "minisblack"
     with atomic_path(path, ".tif") as tmp:
         # zlib level 1: 2.5x faster than the default 6 on a 24 MP stack, 1 % larger
@@ -65,8 +68,11 @@ def write_preview_png(path, image, max_side_px=None) -> None:
     image: (H, W) or (3, H, W) float, linear. max_side_px: shrink (area average) so the longer
     side is at most this many pixels; None keeps the full size.
     """
-    stretched = _to_hwc(autostretch(image))
-    pil = Image.fromarray(np.round(stretched * 255).astype(np.uint8))
+    stretched = autostretch(image)
+    stretched *= 255
+    np.rint(stretched, out=stretched)
+    pil = Image.fromarray(np.ascontiguousarray(_to_hwc(stretched.astype(np.uint8))))
+    del stretched
     if max_side_px is not None:
         if int(max_side_px) < 1:
             raise NightstackError(f"preview: max_side_px must be >= 1, got {max_side_px}")

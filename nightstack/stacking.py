@@ -305,6 +305,7 @@ def _interpolate_lanczos3(box: np.ndarray, x_abs, y_abs, bx0: int, by0: int) -> 
 
 
 REMAP_COLUMNS = 4096  # OpenCV's remap takes maps under 32767 px a side: positions in rows
+REMAP_SUBPIXELS = 32  # OpenCV's INTER_TAB_SIZE: remap interpolates at 1/32 px steps
 
 
 def _interpolate_lanczos4(box: np.ndarray, x_abs, y_abs, bx0: int, by0: int) -> np.ndarray:
@@ -323,8 +324,11 @@ def _interpolate_lanczos4(box: np.ndarray, x_abs, y_abs, bx0: int, by0: int) -> 
     rows = -(-n // REMAP_COLUMNS)
     cols = min(n, REMAP_COLUMNS)
     maps = np.zeros((2, rows * cols), np.float32)
-    maps[0, :n] = x_abs - bx0
-    maps[1, :n] = y_abs - by0
+    # remap places samples on a 1/32 px grid; rounding the absolute positions to it first makes
+    # the map values exact in float32, so the result does not depend on where the box starts
+    # (tiled, cropped and padded stacks agree bit for bit)
+    maps[0, :n] = np.rint(np.asarray(x_abs) * REMAP_SUBPIXELS) / REMAP_SUBPIXELS - bx0
+    maps[1, :n] = np.rint(np.asarray(y_abs) * REMAP_SUBPIXELS) / REMAP_SUBPIXELS - by0
     image = np.ascontiguousarray(np.moveaxis(np.asarray(box, np.float32), 0, -1))
     if image.shape[-1] == 1:
         image = image[..., 0]

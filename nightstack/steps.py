@@ -853,11 +853,15 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # uncovered
             corrected, model = remove_background(
-                image, background_config_from_dict(_bg_only(background_params)), not_sky=ground)
+                image, background_config_from_dict(_bg_only(background_params)), not_sky=ground,
+                in_place=remove)  # a 24 MP colour stack is 290 MB: no second copy
         if remove:
-            image = np.where(valid, corrected, np.nan).astype(np.float32)
+            image = corrected
+            image[~valid] = np.nan
+        del corrected, valid
         if out_model:
             write_background_model(out_model, model, removed=remove, night=text["NIGHT"])
+        del model
     meta = {
         "software_version": SOFTWARE,
         "n_frames": int(header.get("NCOMBINE", len(frames))),
