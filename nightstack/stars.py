@@ -397,13 +397,20 @@ def fit_stars(
     out["ok"] = np.zeros(x0.shape, dtype=bool)
     # One batch per stamp size (a handful: one per DoG level).
     for r in np.unique(radius):
-        sel = np.flatnonzero(radius == r)
-        part = _fit_batch(img, x0[sel], y0[sel], int(r), scale[sel], cfg, saturation_adu,
-                          noise_floor_adu)
-        for key, values in part.items():
-            out[key][sel] = values
+        same_size = np.flatnonzero(radius == r)
+        # in chunks: each star's fit is independent, and a chunk's Jacobian (6 x stamp x chunk
+        # float64) stays in cache instead of reaching 700 MB for 7000 large stars
+        for lo in range(0, len(same_size), FIT_CHUNK_STARS):
+            sel = same_size[lo:lo + FIT_CHUNK_STARS]
+            part = _fit_batch(img, x0[sel], y0[sel], int(r), scale[sel], cfg, saturation_adu,
+                              noise_floor_adu)
+            for key, values in part.items():
+                out[key][sel] = values
     out["snr"] /= noise_correlation
     return out
+
+
+FIT_CHUNK_STARS = 128  # stars fitted together (vectorised; 128 was fastest of 32-2048 on 24 MP)
 
 
 def _cut_stamps(img, xc, yc, r):
