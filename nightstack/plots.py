@@ -172,6 +172,9 @@ def plot_frame_quality(solution_json, catalogs: dict, out_png) -> None:
 # --------------------------------------------------------------------------- 2 star matches
 
 
+UNDERLAY_MAX_SIDE_PX = 2000  # the preview under a plot is shrunk (box average) to this
+
+
 def _preview_underlay(ax, stack_png, box) -> None:
     """Show the stacked preview (maybe downsized) faintly under a plot, placed on its box of
     the reference grid: ``box`` = (x0, y0, width, height), reference px (nightstack.framing)."""
@@ -182,8 +185,13 @@ def _preview_underlay(ax, stack_png, box) -> None:
 
     x0, y0, width_px, height_px = box
     with Image.open(stack_png) as im:
-        ax.imshow(np.asarray(im.convert("L")), cmap="gray", alpha=0.55, zorder=0,
-                  extent=(x0 - 0.5, x0 + width_px - 0.5, y0 + height_px - 0.5, y0 - 0.5))
+        grey = im.convert("L")
+    # a plot shows ~1000 px across: a 24 MP preview would cost matplotlib 1 GB to resample
+    factor = -(-max(grey.size) // UNDERLAY_MAX_SIDE_PX)
+    if factor > 1:
+        grey = grey.reduce(factor)
+    ax.imshow(np.asarray(grey), cmap="gray", alpha=0.55, zorder=0,
+              extent=(x0 - 0.5, x0 + width_px - 0.5, y0 + height_px - 0.5, y0 - 0.5))
 
 
 def stack_box(stack_info_json, width_px: int, height_px: int) -> tuple[int, int, int, int]:

@@ -18,7 +18,7 @@ from astropy.table import Table
 
 from . import __version__
 from .background import background_config_from_dict, remove_background
-from .calibration import calibrate, make_master, master_from_fits, write_master
+from .calibration import DiskFrame, calibrate, make_master, master_from_fits, write_master
 from .camera import Camera, default_focal_px
 from .errors import FrameError, NightstackError
 from .io import (
@@ -68,22 +68,31 @@ SKY_FRACTION_HDU = "SKYFRAC"
 
 def master_step(kind: str, paths, output, params: dict, bias=None, dark=None) -> None:
     """Combine calibration frames of one kind into a float32 master FITS."""
-    frames, skipped = [], []
-    progress = Progress(f"loading {kind} frames", len(paths))
-    for path in paths:
-        try:
-            frames.append(load_frame(path))
-        except FrameError as exc:
-            skipped.append(exc)
-            log.warning("skipping %s frame %s", kind, exc)
-        progress()
-    if not frames:
-        reasons = "; ".join(str(e) for e in skipped) or "no files"
-        raise NightstackError(f"no usable {kind} frame ({reasons})")
-    frames = _majority_geometry(frames, kind)
-    bias_m = master_from_fits(bias) if bias else None
-    dark_m = master_from_fits(dark) if dark else None
-    master = make_master(frames, kind, bias=bias_m, dark=dark_m)
+    import tempfile
+
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    # each frame is parked on disk as it is loaded (calibration.DiskFrame): memory stays that
+    # of one frame and a band, whatever the number of calibration frames
+    with tempfile.TemporaryDirectory(dir=Path(output).parent, prefix=".scratch-") as scratch:
+        frames, skipped = [], []
+        progress = Progress(f"loading {kind} frames", len(paths))
+        for path in paths:
+            try:
+                frame = load_frame(path)
+            except FrameError as exc:
+                skipped.append(exc)
+                log.warning("skipping %s frame %s", kind, exc)
+            else:
+                frame.data = DiskFrame(frame.data, scratch)
+                frames.append(frame)
+            progress()
+        if not frames:
+            reasons = "; ".join(str(e) for e in skipped) or "no files"
+            raise NightstackError(f"no usable {kind} frame ({reasons})")
+        frames = _majority_geometry(frames, kind)
+        bias_m = master_from_fits(bias) if bias else None
+        dark_m = master_from_fits(dark) if dark else None
+        master = make_master(frames, kind, bias=bias_m, dark=dark_m)
     write_master(output, master)
     log.info("master %s from %d frames written to %s", kind, master.n_frames, output)
 

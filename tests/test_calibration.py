@@ -652,3 +652,42 @@ def test_calibrate_repairs_its_own_copy():
     assert np.array_equal(raw.data, data, equal_nan=True)  # the loaded frame is untouched
     assert result.n_repaired == 2
     assert np.isfinite(result.data).all() and result.data.max() < 1000
+
+
+def test_masters_from_frames_on_disk_equal_masters_in_memory(tmp_path):
+    """master_step parks frames on disk (DiskFrame); the masters must not change by a bit."""
+    from nightstack.calibration import DiskFrame
+
+    rng = np.random.default_rng(11)
+    bias_frames = [frame_of(rng.normal(200, 5, (40, 60)), source=f"b{k}.fits") for k in range(5)]
+    bias_frames[2].data[10, 10] = 5000.0  # an outlier the clipping must drop either way
+    bias = make_master(bias_frames, "bias")
+    parked = [frame_of(f.data, source=f.source) for f in bias_frames]
+    for frame in parked:
+        frame.data = DiskFrame(frame.data, tmp_path)
+    np.testing.assert_array_equal(make_master(parked, "bias").data, bias.data)
+
+    flats = [frame_of(200 + rng.normal(3000, 40, (40, 60)), source=f"f{k}.fits") for k in range(4)]
+    flat = make_master(flats, "flat", bias=bias)
+    parked = [frame_of(f.data, source=f.source) for f in flats]
+    for frame in parked:
+        frame.data = DiskFrame(frame.data, tmp_path)
+    on_disk = make_master(parked, "flat", bias=bias)
+    np.testing.assert_array_equal(on_disk.data, flat.data)
+    np.testing.assert_array_equal(on_disk.bad_pixels, flat.bad_pixels)
+    # a band is read from the file, not the whole frame
+    np.testing.assert_array_equal(parked[0].data[100:150], flats[0].data.ravel()[100:150])
+
+
+def test_master_step_leaves_no_scratch_files(tmp_path):
+    from nightstack.steps import master_step
+
+    rng = np.random.default_rng(5)
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"bias_{k}.fits")
+        write_fits_image(paths[-1], rng.normal(300, 4, (30, 40)).astype(np.float32))
+    out = tmp_path / "masters" / "bias.fits"
+    master_step("bias", paths, out, {})
+    assert master_from_fits(out).data.shape == (30, 40)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["bias.fits"]
