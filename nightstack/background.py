@@ -233,7 +233,7 @@ def _fill_from_neighbours(coef, ok, grid: "_PatchGrid"):
     )
 
 
-def _interp_matrix(positions: np.ndarray, centres: np.ndarray) -> np.ndarray:
+def interp_matrix(positions: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """(len(positions), n_centres) bilinear weights from patch centres to pixel positions (px),
     clamped at the ends."""
     pos = np.clip(np.interp(positions, centres, np.arange(len(centres))), 0, len(centres) - 1)
@@ -259,8 +259,8 @@ def _blend_planes(coef, grid: _PatchGrid, ys=None, xs=None) -> np.ndarray:
     a = coef[..., 0] - coef[..., 1] * xc - coef[..., 2] * yc
     y = np.arange(grid.height, dtype=np.float32) if ys is None else np.asarray(ys, np.float32)
     x = np.arange(grid.width, dtype=np.float32) if xs is None else np.asarray(xs, np.float32)
-    wy = _interp_matrix(y, grid.centres_y).astype(np.float32)
-    wx = _interp_matrix(x, grid.centres_x).astype(np.float32)
+    wy = interp_matrix(y, grid.centres_y).astype(np.float32)
+    wx = interp_matrix(x, grid.centres_x).astype(np.float32)
 
     def field(f):
         return (wy @ f.astype(np.float32)) @ wx.T

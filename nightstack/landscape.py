@@ -65,6 +65,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .background import interp_matrix
 from .errors import NightstackError
 from .settings import settings_from_dict
 
@@ -173,22 +174,10 @@ def restore_light_pollution(luminance2d: np.ndarray, model_binned2d: np.ndarray,
     yy = (np.arange(height) * b + (b - 1) / 2 - (f - 1) / 2) / f
     xx = (np.arange(width) * b + (b - 1) / 2 - (f - 1) / 2) / f
     # bilinear weights along each axis as matrices: two small products, no per-pixel gather
-    model = _linear_rows(yy, model_binned2d.shape[0]) @ model_binned2d.astype(np.float32)
-    model = model @ _linear_rows(xx, model_binned2d.shape[1]).T
+    rows_y = interp_matrix(yy, np.arange(model_binned2d.shape[0])).astype(np.float32)
+    rows_x = interp_matrix(xx, np.arange(model_binned2d.shape[1])).astype(np.float32)
+    model = rows_y @ model_binned2d.astype(np.float32) @ rows_x.T
     return (luminance2d + model - np.median(model_binned2d)).astype(np.float32)
-
-
-def _linear_rows(positions: np.ndarray, n: int) -> np.ndarray:
-    """(len(positions), n) float32 linear-interpolation weights at fractional indices,
-    clamped to the ends (map_coordinates' order 1, mode "nearest")."""
-    pos = np.clip(positions, 0, n - 1)
-    lo = np.minimum(np.floor(pos).astype(int), max(n - 2, 0))
-    frac = (pos - lo).astype(np.float32)
-    weights = np.zeros((len(pos), n), np.float32)
-    rows = np.arange(len(pos))
-    weights[rows, lo] += 1 - frac
-    weights[rows, np.minimum(lo + 1, n - 1)] += frac
-    return weights
 
 
 def sky_mask_bin_factor(height: int, width: int) -> int:
