@@ -251,8 +251,7 @@ class DiskFrame:
     def __init__(self, array: np.ndarray, folder):
         array = np.ascontiguousarray(array, dtype=np.float32)
         self.shape, self.folder = tuple(array.shape), Path(folder)
-        handle = tempfile.NamedTemporaryFile(dir=self.folder, suffix=".f32", delete=False)
-        with handle:
+        with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".f32", delete=False) as handle:
             array.tofile(handle)
         self.path = Path(handle.name)
 

@@ -18,7 +18,13 @@ from astropy.table import Table
 
 from . import __version__
 from .background import background_config_from_dict, remove_background
-from .calibration import DiskFrame, calibrate, make_master, master_from_fits, write_master
+from .calibration import (
+    DiskFrame,
+    calibrate,
+    make_master,
+    master_from_fits,
+    write_master,
+)
 from .camera import Camera, default_focal_px
 from .errors import FrameError, NightstackError
 from .io import (
