@@ -139,28 +139,33 @@ def _patch_grid(shape, patch_px: int) -> _PatchGrid:
 # Batched weighted least-squares planes
 
 
-def _fit_planes(blocks, weights, min_fraction: float):
+def _fit_planes(blocks, weights, min_fraction: float, zero_where_unused: bool = False):
     """Weighted LSQ plane per patch in patch-local coordinates (centre = 0).
 
-    blocks, weights: (ny, nx, py, px) float/bool; NaN in blocks must have weight 0.
+    blocks: (ny, nx, py, px) float; weights: same shape, bool (a pixel is used or not); NaN in
+    blocks must have weight False. zero_where_unused: ``blocks`` is already 0 wherever
+    ``weights`` is False, so it is used as it is (no frame-sized copy).
     Returns (coef (ny, nx, 3) = level at the patch centre, x-slope, y-slope per px;
     ok (ny, nx) bool = enough background pixels for a trustworthy fit).
     """
     _, _, py, px = blocks.shape
     u = np.arange(px) - (px - 1) / 2.0  # local x
     v = np.arange(py) - (py - 1) / 2.0  # local y
-    w = weights.astype(np.float32)
-    wy = np.where(weights, blocks, 0).astype(np.float32, copy=False)
-    wy *= w  # in place: on 24 MP frames every full-size temporary is 100 MB
+    weights = np.asarray(weights, dtype=bool)
+    # 0/1 weights: the weighted values are the used values, with no float copy of the weights
+    # (on 24 MP frames every full-size temporary is 100 MB).
+    wy = blocks if zero_where_unused else np.where(weights, blocks, 0).astype(np.float32, copy=False)
     # Row/column marginals make every moment a cheap small contraction.
-    w_rows, w_cols = w.sum(axis=3, dtype=np.float64), w.sum(axis=2, dtype=np.float64)
+    w_rows, w_cols = weights.sum(axis=3, dtype=np.float64), weights.sum(axis=2, dtype=np.float64)
     wy_rows, wy_cols = wy.sum(axis=3, dtype=np.float64), wy.sum(axis=2, dtype=np.float64)
+    del wy
     s_1 = w_rows.sum(axis=2)
     s_u = w_cols @ u
     s_v = w_rows @ v
     s_uu = w_cols @ (u * u)
     s_vv = w_rows @ (v * v)
-    s_uv = np.einsum("abij,i,j->ab", w, v, u, dtype=np.float64)
+    # sum over i, j of w_ij v_i u_j, as a contraction of the column marginals of v-weighted rows
+    s_uv = np.einsum("abi,i->ab", np.einsum("abij,j->abi", weights, u), v)
     s_y = wy_rows.sum(axis=2)
     s_uy = wy_cols @ u
     s_vy = wy_rows @ v
@@ -192,11 +197,12 @@ def _plane_blocks(coef, py: int, px: int) -> np.ndarray:
     u = (np.arange(px) - (px - 1) / 2.0).astype(np.float32)
     v = (np.arange(py) - (py - 1) / 2.0).astype(np.float32)
     c = coef.astype(np.float32)
-    return (
-        c[..., 0, None, None]
-        + c[..., 1, None, None] * u[None, None, None, :]
-        + c[..., 2, None, None] * v[None, None, :, None]
-    )
+    # (a + b*u) + c*v, as before, with one frame-sized array: the slope terms are (.., 1, px)
+    # and (.., py, 1) and broadcast in place
+    plane = c[..., 0, None, None] + c[..., 1, None, None] * u[None, None, None, :]
+    plane = np.broadcast_to(plane, coef.shape[:2] + (py, px)).copy()
+    plane += c[..., 2, None, None] * v[None, None, :, None]
+    return plane
 
 
 def _fill_from_neighbours(coef, ok, grid: "_PatchGrid"):
@@ -247,13 +253,14 @@ def interp_matrix(positions: np.ndarray, centres: np.ndarray) -> np.ndarray:
     return m
 
 
-def _blend_planes(coef, grid: _PatchGrid, ys=None, xs=None) -> np.ndarray:
+def _blend_planes(coef, grid: _PatchGrid, ys=None, xs=None, out=None) -> np.ndarray:
     """Smooth (H, W) float32 model from per-patch centred planes.
 
     Each plane is rewritten in global coordinates (a + b*x + c*y); the three coefficient fields
     are bilinearly interpolated between patch centres (separably: Wy @ F @ Wx^T) and evaluated.
     ys, xs: optional pixel coordinates (1-D, px) of the rows and columns to evaluate instead of
     every pixel (e.g. block centres of a binned image); the result is then (len(ys), len(xs)).
+    out: optional float32 array of the result's shape to write the model into.
     """
     yc, xc = np.meshgrid(grid.centres_y, grid.centres_x, indexing="ij")
     a = coef[..., 0] - coef[..., 1] * xc - coef[..., 2] * yc
@@ -262,12 +269,17 @@ def _blend_planes(coef, grid: _PatchGrid, ys=None, xs=None) -> np.ndarray:
     wy = interp_matrix(y, grid.centres_y).astype(np.float32)
     wx = interp_matrix(x, grid.centres_x).astype(np.float32)
 
-    def field(f):
-        return (wy @ f.astype(np.float32)) @ wx.T
+    def field(f, into=None):
+        return np.matmul(wy @ f.astype(np.float32), wx.T, out=into)
 
-    model = field(a)
-    model += field(coef[..., 1]) * x[None, :]
-    model += field(coef[..., 2]) * y[:, None]
+    # one full-size temporary at a time: the frame-sized products are formed in place
+    model = field(a, out)
+    slope = field(coef[..., 1])
+    slope *= x[None, :]
+    model += slope
+    slope = field(coef[..., 2], slope)
+    slope *= y[:, None]
+    model += slope
     return model
 
 
@@ -298,10 +310,17 @@ def _point_source_mask(img, grid: _PatchGrid, cfg: BackgroundConfig) -> np.ndarr
     for _ in range(cfg.mask_iterations):
         # Any-count fit here: the stats only need some pixels, the fraction rule is for the model.
         coef, _ = _fit_planes(blocks, use, min_fraction=0.0)
-        resid = np.where(valid, blocks - _plane_blocks(coef, grid.py, grid.px), 0.0)
+        resid = _plane_blocks(coef, grid.py, grid.px)
+        np.subtract(blocks, resid, out=resid)  # in place: a 24 MP frame is 96 MB a copy
+        resid[~valid] = 0.0
         n = np.maximum(use.sum(axis=(2, 3)), 1)
-        std = np.sqrt((np.where(use, resid, 0.0) ** 2).sum(axis=(2, 3), dtype=np.float64) / n)
-        star = valid & (resid > cfg.star_sigma * std[..., None, None])
+        squares = np.where(use, resid, np.float32(0.0))
+        np.square(squares, out=squares)
+        std = np.sqrt(squares.sum(axis=(2, 3), dtype=np.float64) / n)
+        del squares
+        star = resid > cfg.star_sigma * std[..., None, None]
+        star &= valid
+        del resid
         use = valid & ~star
     mask = grid.unblock(star)
     if cfg.dilate_px > 0:
@@ -360,12 +379,18 @@ def _binned_sky(img, usable, factor: int):
     """
     height, width = img.shape
     h, w = -(-height // factor), -(-width // factor)
-    pad = ((0, h * factor - height), (0, w * factor - width))
-    weight = np.pad(usable & np.isfinite(img), pad).astype(np.float32)
-    values = np.pad(np.where(weight[:height, :width] > 0, img, 0.0), pad).astype(np.float32)
-    count = weight.reshape(h, factor, w, factor).sum(axis=(1, 3))
+    # zero-padded to whole bins; one float copy of the image (a 24 MP frame: 96 MB)
+    weight = np.zeros((h * factor, w * factor), dtype=bool)
+    np.logical_and(usable, np.isfinite(img), out=weight[:height, :width])
+    values = np.zeros(weight.shape, dtype=np.float32)
+    np.copyto(values[:height, :width], img, where=weight[:height, :width])
+    count = weight.reshape(h, factor, w, factor).sum(axis=(1, 3), dtype=np.float32)
+    del weight
     total = values.reshape(h, factor, w, factor).sum(axis=(1, 3))
-    area = np.pad(np.ones((height, width), np.float32), pad).reshape(h, factor, w, factor).sum(axis=(1, 3))
+    del values
+    rows = np.minimum(factor, height - np.arange(h) * factor).astype(np.float32)
+    cols = np.minimum(factor, width - np.arange(w) * factor).astype(np.float32)
+    area = rows[:, None] * cols[None, :]  # pixels of the image in each (edge: partial) bin
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / count, np.nan).astype(np.float32)
     centres_y = np.minimum(np.arange(h) * factor + (factor - 1) / 2.0, height - 1)
@@ -383,12 +408,13 @@ def _unbin(mask, factor: int, shape) -> np.ndarray:
 
 def _patch_planes(img, grid: _PatchGrid, mask, cfg: BackgroundConfig) -> np.ndarray:
     """Fitted plane of every patch over its sky pixels (mask False), holes filled: (ny, nx, 3)."""
-    blocks = grid.blocks(img, np.nan)
+    blocks = grid.blocks(img, np.nan)  # a copy of the image: it is zeroed where unused
     use = grid.blocks(~mask, False) & np.isfinite(blocks)
-    coef, ok = _fit_planes(blocks, use, cfg.min_background_fraction)
+    np.copyto(blocks, 0, where=~use)
+    coef, ok = _fit_planes(blocks, use, cfg.min_background_fraction, zero_where_unused=True)
     if not ok.any():
         # Too crowded for the fraction rule everywhere: use whatever sky there is.
-        coef, ok = _fit_planes(blocks, use, 0.0)
+        coef, ok = _fit_planes(blocks, use, 0.0, zero_where_unused=True)
         ok &= use.any(axis=(2, 3))
     return _fill_from_neighbours(coef, ok, grid)
 
@@ -439,11 +465,13 @@ def star_mask(image2d, cfg: BackgroundConfig | None = None) -> np.ndarray:
 # Model and removal
 
 
-def fit_background(image2d, cfg: BackgroundConfig | None = None, mask=None) -> np.ndarray:
+def fit_background(image2d, cfg: BackgroundConfig | None = None, mask=None,
+                   out=None) -> np.ndarray:  # fmt: skip
     """Smooth light-pollution model of one channel.
 
     image2d: (H, W) float, any linear unit. mask: optional (H, W) bool, True = not sky
-    (default: ``star_mask(image2d, cfg)``). Returns the model, (H, W) float32, same unit.
+    (default: ``star_mask(image2d, cfg)``). Returns the model, (H, W) float32, same unit,
+    written into ``out`` (float32 (H, W)) when given.
     """
     cfg = cfg or BackgroundConfig()
     img = _as_2d(image2d)
@@ -453,7 +481,7 @@ def fit_background(image2d, cfg: BackgroundConfig | None = None, mask=None) -> n
     if mask.shape != img.shape:
         raise NightstackError(f"background: mask shape {mask.shape} != image shape {img.shape}")
     grid = _patch_grid(img.shape, cfg.patch_px)
-    return _blend_planes(_patch_planes(img, grid, mask | ~np.isfinite(img), cfg), grid)
+    return _blend_planes(_patch_planes(img, grid, mask | ~np.isfinite(img), cfg), grid, out=out)
 
 
 def remove_background(image, cfg: BackgroundConfig | None = None, keep_level: bool = True,
@@ -482,12 +510,15 @@ def remove_background(image, cfg: BackgroundConfig | None = None, keep_level: bo
     if not_sky is not None:
         mask = mask | np.asarray(not_sky, dtype=bool)
     del luminance
-    model = np.stack([fit_background(ch, cfg, mask=mask) for ch in channels])
+    model = np.empty(channels.shape, dtype=np.float32)
+    for model_channel, channel in zip(model, channels):
+        fit_background(channel, cfg, mask=mask, out=model_channel)
     del mask
     corrected = channels if in_place and channels.dtype == np.float32 else channels.copy()
     corrected -= model
-    if keep_level:
-        corrected += np.median(model.reshape(len(model), -1), axis=1)[:, None, None]
+    if keep_level:  # channel by channel: the median's partition copy is one channel, not three
+        for corrected_channel, model_channel in zip(corrected, model):
+            corrected_channel += np.median(model_channel)
     if img.ndim == 2:
         return corrected[0], model[0]
     return corrected, model

@@ -1014,14 +1014,27 @@ def _dark_current(dark: Master, bias: Master | None) -> np.ndarray:
 
 def calibrate(raw: RawFrame, bias: Master | None, dark: Master | None, flat: Master | None,
               config: dict | None = None) -> CalibratedFrame:  # fmt: skip
-    """Calibrate one light frame and demosaic it.
+    """Calibrate one light frame and demosaic it: ``demosaic_frame(calibrate_mosaic(...))``.
 
-    Order, all on the raw mosaic: subtract bias (or the camera black level when there is no
-    bias; a dark without a bias carries the offset itself), subtract dark current (scaled by
-    exposure ratio when a bias exists), divide by the flat, repair hot (from the dark), cold
-    (from the flat), per-frame outlier and non-finite pixels, then demosaic. ``config`` keys:
-    hot_sigma, cold_threshold, outlier_sigma, repair_outliers (defaults in DEFAULT_CONFIG).
-    Raises FrameError when a master's size or CFA pattern differs from the frame's.
+    Returns the frame as float32 (C, H, W). Raises FrameError when a master's size or CFA
+    pattern differs from the frame's.
+    """
+    return demosaic_frame(calibrate_mosaic(raw, bias, dark, flat, config))
+
+
+def calibrate_mosaic(raw: RawFrame, bias: Master | None, dark: Master | None,
+                     flat: Master | None, config: dict | None = None) -> CalibratedFrame:  # fmt: skip
+    """Calibrate one light frame on its raw mosaic, without demosaicing.
+
+    Order: subtract bias (or the camera black level when there is no bias; a dark without a
+    bias carries the offset itself), subtract dark current (scaled by exposure ratio when a
+    bias exists), divide by the flat, repair hot (from the dark), cold (from the flat),
+    per-frame outlier and non-finite pixels. ``config`` keys: hot_sigma, cold_threshold,
+    outlier_sigma, repair_outliers (defaults in DEFAULT_CONFIG). Returns the calibrated mosaic,
+    float32 (H, W) (or the frame's own shape when it has no CFA), its pattern in
+    ``meta["cfa_pattern"]``; the caller may free the raw frame and the masters before
+    ``demosaic_frame`` (they are not referenced). Raises FrameError when a master's size or CFA
+    pattern differs from the frame's.
     """
     settings = {**DEFAULT_CONFIG, **(config or {})}
     pattern = _check_pattern(raw.cfa_pattern)
@@ -1037,17 +1050,22 @@ def calibrate(raw: RawFrame, bias: Master | None, dark: Master | None, flat: Mas
     bad, n_repaired = _bad_pixel_mask(data, pattern, bias, dark, flat, settings, notes)
     if n_repaired:
         _repair_in_place(data, bad, pattern)
+    return CalibratedFrame(data=data, notes=notes, n_repaired=n_repaired,
+                           meta=_frame_meta(raw, pattern))  # fmt: skip
+
+
+def demosaic_frame(frame: CalibratedFrame) -> CalibratedFrame:
+    """A calibrated mosaic (``calibrate_mosaic``) as float32 (C, H, W): demosaiced when it has
+    a CFA pattern (the note says so), else the frame with a channel axis."""
+    pattern = frame.meta.get("cfa_pattern")
+    data, notes = frame.data, list(frame.notes)
     if pattern is not None:
         image = demosaic(data, pattern)
         notes.append(f"demosaiced ({pattern}, Malvar-He-Cutler)")
     else:
         image = data if data.ndim == 3 else data[None]
-    return CalibratedFrame(
-        data=image.astype(np.float32, copy=False),
-        notes=notes,
-        n_repaired=n_repaired,
-        meta=_frame_meta(raw, pattern),
-    )
+    return CalibratedFrame(data=image.astype(np.float32, copy=False), notes=notes,
+                           n_repaired=frame.n_repaired, meta=frame.meta)  # fmt: skip
 
 
 def _bad_pixel_mask(data, pattern, bias, dark, flat, settings, notes) -> tuple[np.ndarray, int]:
@@ -1181,6 +1199,8 @@ __all__ = [
     "repair_pixels",
     "find_outlier_pixels",
     "calibrate",
+    "calibrate_mosaic",
+    "demosaic_frame",
     "demosaic",
     "colour_planes",
 ]

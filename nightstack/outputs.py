@@ -21,7 +21,7 @@ from PIL import Image
 from . import __version__
 from .errors import NightstackError
 from .io import atomic_path, write_fits_image
-from .stretch import autostretch, linear_scale
+from .stretch import autostretch_channels, linear_limits, scale_to_unit
 
 UINT16_MAX = 65535
 LONG_TEXT_CHARS = 40  # beyond this a string value and its comment no longer share one card
@@ -29,16 +29,28 @@ LONG_TEXT_CHARS = 40  # beyond this a string value and its comment no longer sha
 _FITS_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) != "%")
 
 
-def _to_hwc(image) -> np.ndarray:
-    """(H, W) or mono (1, H, W) -> (H, W); (3, H, W) -> (H, W, 3). Anything else is an error."""
-    img = np.asarray(image)
-    if img.ndim == 3 and img.shape[0] == 1:
-        img = img[0]
-    if img.ndim == 2:
-        return img
-    if img.ndim == 3 and img.shape[0] == 3:
-        return np.moveaxis(img, 0, -1)
-    raise NightstackError(f"output image must be (H, W) or (3, H, W), got shape {img.shape}")
+def _hwc_shape(shape) -> tuple:
+    """Shape of a (H, W) or (C, H, W) image as written: (H, W) grey (C = 1), (H, W, 3) RGB."""
+    shape = tuple(shape)
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) == 2:
+        return shape
+    if len(shape) == 3 and shape[0] == 3:
+        return shape[1:] + (3,)
+    raise NightstackError(f"output image must be (H, W) or (3, H, W), got shape {shape}")
+
+
+def _interleaved(channels, shape, dtype, scale: float) -> np.ndarray:
+    """Float channels in [0, 1] (an iterable of (H, W)) -> one (H, W, C) or (H, W) ``dtype``
+    array of round(value * scale), filled a channel at a time (one float channel in memory)."""
+    out = np.empty(_hwc_shape(shape), dtype=dtype)
+    planes = out[..., None] if out.ndim == 2 else out
+    for k, channel in enumerate(channels):
+        channel *= scale
+        np.rint(channel, out=channel)
+        planes[..., k] = channel
+    return out
 
 
 def write_tiff16(path, image, low=None, high=None) -> dict:
@@ -49,11 +61,11 @@ def write_tiff16(path, image, low=None, high=None) -> dict:
     Returns the scaling: {"low", "high", "scale"} with tiff = round((value - low) * scale),
     clipped to 0..65535.
     """
-    scaled, low, high = linear_scale(image, low, high)
-    scaled *= UINT16_MAX
-    np.rint(scaled, out=scaled)
-    data = np.ascontiguousarray(_to_hwc(scaled.astype(np.uint16)))
-    del scaled
+    image = np.asarray(image, dtype=np.float32)
+    low, high = linear_limits(image, low, high)
+    chans = image[None] if image.ndim == 2 else image
+    data = _interleaved((scale_to_unit(c, low, high) for c in chans), image.shape, np.uint16,
+                        UINT16_MAX)  # fmt: skip
     photometric = "rgb" if data.ndim == 3 else "minisblack"
     with atomic_path(path, ".tif") as tmp:
         # zlib level 1: 2.5x faster than the default 6 on a 24 MP stack, 1 % larger
@@ -68,11 +80,8 @@ def write_preview_png(path, image, max_side_px=None) -> None:
     image: (H, W) or (3, H, W) float, linear. max_side_px: shrink (area average) so the longer
     side is at most this many pixels; None keeps the full size.
     """
-    stretched = autostretch(image)
-    stretched *= 255
-    np.rint(stretched, out=stretched)
-    pil = Image.fromarray(np.ascontiguousarray(_to_hwc(stretched.astype(np.uint8))))
-    del stretched
+    image = np.asarray(image, dtype=np.float32)
+    pil = Image.fromarray(_interleaved(autostretch_channels(image), image.shape, np.uint8, 255))
     if max_side_px is not None:
         if int(max_side_px) < 1:
             raise NightstackError(f"preview: max_side_px must be >= 1, got {max_side_px}")

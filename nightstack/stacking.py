@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,16 +154,18 @@ def validate_stack_config(cfg: StackConfig) -> None:
 # ---------------------------------------------------------------------------- tiling
 
 
-def plan_tiles(n_frames: int, out_shape, memory_mb: float) -> TilePlan:
+def plan_tiles(n_frames: int, out_shape, memory_mb: float, read_ahead: bool = False) -> TilePlan:
     """Square-ish tile size keeping N x C x tile buffers and work arrays below ``memory_mb``.
 
     Cost per tile pixel: the float32 stack buffer (N*C*4 bytes) plus WORK_ARRAYS copies of it
-    while combining, per-pixel statistics, and the warping temporaries of one frame. Tiles
-    are at least MIN_TILE_PX on a side; ``over_budget`` says when even that exceeds the budget.
-    The output image and coverage map (C*H*W*4 + H*W*2 bytes) are not part of the budget.
+    while combining, per-pixel statistics, and the warping temporaries of one frame; with
+    ``read_ahead`` a second stack buffer (the next tile, read while this one is combined).
+    Tiles are at least MIN_TILE_PX on a side; ``over_budget`` says when even that exceeds the
+    budget. The output image and coverage map (C*H*W*4 + H*W*2 bytes) are not part of it.
     """
     n_channels, height, width = (int(v) for v in out_shape)
-    bytes_per_px = (n_channels * (n_frames * 4 * (1 + WORK_ARRAYS) + BYTES_PER_PIXEL_VALUE)
+    stack_copies = 1 + WORK_ARRAYS + (1 if read_ahead else 0)
+    bytes_per_px = (n_channels * (n_frames * 4 * stack_copies + BYTES_PER_PIXEL_VALUE)
                     + WARP_BYTES_PER_PX)
     budget_px = int(memory_mb * 2**20 // bytes_per_px)
     side = math.isqrt(max(budget_px, 0))
@@ -428,11 +431,11 @@ def read_warped_tile(warp: FrameWarp, y0, y1, x0, x1, interpolation: str) -> np.
     """
     try:
         hdul, data = open_fits_data(warp.path)
-    except OSError as exc:
+    except (OSError, ValueError, TypeError) as exc:  # astropy: TypeError for a truncated file
         raise FrameError(warp.path, f"cannot read calibrated frame: {exc}") from exc
     try:
         tile = warp_tile(data, warp, y0, y1, x0, x1, interpolation)
-    except OSError as exc:
+    except (OSError, ValueError, TypeError) as exc:
         raise FrameError(warp.path, f"cannot read calibrated frame: {exc}") from exc
     finally:
         del data  # the mmap is only closed once no array refers to it
@@ -749,8 +752,49 @@ def _noise_curve_info(pooled, n_frames: int, probes: dict) -> dict | None:
     }
 
 
+def _read_tile_stack(warps: list[FrameWarp], bounds, origin_px, n_channels: int,
+                     interpolation: str, buffer: np.ndarray) -> np.ndarray:
+    """Every frame warped onto one tile (y0, y1, x0, x1) of the output, written into the
+    front of the flat float32 ``buffer``: (N, C, h, w). origin_px: (x0, y0) of the output in
+    reference pixels."""
+    y0, y1, x0, x1 = bounds
+    ox, oy = origin_px
+    stack = buffer[: len(warps) * n_channels * (y1 - y0) * (x1 - x0)].reshape(
+        len(warps), n_channels, y1 - y0, x1 - x0)
+    for i, warp in enumerate(warps):
+        stack[i] = read_warped_tile(warp, y0 + oy, y1 + oy, x0 + ox, x1 + ox, interpolation)
+    return stack
+
+
+def _tile_stacks(warps: list[FrameWarp], tiles: list, origin_px, n_channels: int,
+                 interpolation: str, buffers: list):
+    """Yield (bounds, stack) for every tile, stack = ``_read_tile_stack``.
+
+    buffers: one or two flat float32 arrays, each large enough for the largest tile. With two,
+    the next tile is read and warped in a background thread while the caller combines the
+    current one (decompressing, warping and numpy release the interpreter lock for most of
+    their time); a stack yielded stays untouched until the caller asks for the next one.
+    """
+    def read(k):
+        return _read_tile_stack(warps, tiles[k], origin_px, n_channels, interpolation,
+                                buffers[k % len(buffers)])  # fmt: skip
+
+    if len(buffers) == 1:
+        for k, bounds in enumerate(tiles):
+            yield bounds, read(k)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        pending = pool.submit(read, 0)
+        for k, bounds in enumerate(tiles):
+            stack = pending.result()
+            if k + 1 < len(tiles):
+                pending = pool.submit(read, k + 1)
+            yield bounds, stack
+
+
 def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = None,
-                 progress=None, origin_px=None, fill_value: float = 0.0, landscape=None):
+                 progress=None, origin_px=None, fill_value: float = 0.0, landscape=None,
+                 threads: int = 1):
     """Warp all frames onto the reference grid and combine them, tile by tile.
 
     warps: one FrameWarp per accepted frame. out_shape: (C, H, W) of the reference grid, or
@@ -764,6 +808,8 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
     frame, skipped frames, notes and ``noise_curve``: the background noise (ADU) of the
     weighted mean of the first n frames in time order, measured on the tiles' own warped
     values in the central region (nightstack.noise), None if that region has no sky).
+    threads: with 2 or more, the next tile is read and warped while one is combined (a second
+    stack buffer, within ``cfg.memory_mb``); the result is the same.
     """
     cfg = cfg or StackConfig()
     validate_stack_config(cfg)
@@ -779,8 +825,9 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
     if landscape is not None:  # frame indices may have shifted by skipped frames
         landscape = landscape.for_warps(warps)
     # a landscape night holds a second (frozen) stack per tile
+    read_ahead = threads > 1
     plan = plan_tiles(n_frames * (1 if landscape is None else 2), (n_channels, height, width),
-                      cfg.memory_mb)
+                      cfg.memory_mb, read_ahead=read_ahead)
     notes = []
     if weights is not None and cfg.method in ("median", "max"):
         notes.append(f"noise weights are not used by the {cfg.method} method")
@@ -793,15 +840,13 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
     coverage = np.zeros((height, width), dtype=np.int16)
     rejected_count = np.zeros(n_frames, dtype=np.int64)
     valid_count = np.zeros(n_frames, dtype=np.int64)
-    buffer = np.empty(n_frames * n_channels * plan.tile_h * plan.tile_w, dtype=np.float32)
-    probes = probe_boxes(tile_bounds(plan, height, width), height, width)
+    buffers = [np.empty(n_frames * n_channels * plan.tile_h * plan.tile_w, dtype=np.float32)
+               for _ in range(2 if read_ahead else 1)]
+    tiles = list(tile_bounds(plan, height, width))
+    probes = probe_boxes(tiles, height, width)
     probe_noise = []
-    for y0, y1, x0, x1 in tile_bounds(plan, height, width):
-        stack = buffer[: n_frames * n_channels * (y1 - y0) * (x1 - x0)].reshape(
-            n_frames, n_channels, y1 - y0, x1 - x0)
-        for i, warp in enumerate(warps):
-            stack[i] = read_warped_tile(warp, y0 + oy, y1 + oy, x0 + ox, x1 + ox,
-                                        cfg.interpolation)
+    for (y0, y1, x0, x1), stack in _tile_stacks(warps, tiles, (ox, oy), n_channels,
+                                                cfg.interpolation, buffers):
         finite = np.isfinite(stack)
         coverage[y0:y1, x0:x1] = finite.sum(axis=0, dtype=np.int16).max(axis=0)
         valid_count += finite.reshape(n_frames, -1).sum(axis=1)

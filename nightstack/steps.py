@@ -20,7 +20,8 @@ from . import __version__
 from .background import background_config_from_dict, remove_background
 from .calibration import (
     DiskFrame,
-    calibrate,
+    calibrate_mosaic,
+    demosaic_frame,
     make_master,
     master_from_fits,
     write_master,
@@ -174,12 +175,15 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
     try:
         raw = load_frame(light)
         loaded = {k: master_from_fits(p) for k, p in masters.items() if p}
-        cal = calibrate(raw, loaded.get("bias"), loaded.get("dark"), loaded.get("flat"), calib_params)
+        mosaic = calibrate_mosaic(raw, loaded.get("bias"), loaded.get("dark"), loaded.get("flat"),
+                                  calib_params)  # fmt: skip
     except FrameError as exc:
         log.warning("rejected %s: %s", source, exc.reason)
         write_fits_image(output, None, rejected_header(source, exc.reason))
         return
-    del raw, loaded  # the mosaic and the masters (400 MB at 24 MP) are done with
+    del raw, loaded  # freed before demosaicing: the raw frame and the masters are 400 MB at 24 MP
+    cal = demosaic_frame(mosaic)
+    del mosaic
     data = cal.data
     header = {
         "NSSTATUS": "ok",
@@ -723,8 +727,10 @@ def frame_weight(noise_adu, fwhm_px, weighting: str) -> float:
 
 
 def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, output, stack_params: dict,
-               sky_mask=None, landscape_params: dict | None = None) -> None:
+               sky_mask=None, landscape_params: dict | None = None, threads: int = 1) -> None:
     """Reproject every accepted frame into the reference and combine; write the linear stack.
+
+    threads: with 2 or more the next tile is read while one is combined (stacking.stack_frames).
 
     sky_mask: optional sky_mask.fits of the night; with ground in it, the sky is stacked from
     sky pixels only and the ground frozen (nightstack.landscape), joined over
@@ -776,7 +782,7 @@ def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, outp
     progress = Progress(f"stacking night {night}", 1)
     image, coverage, info = stack_frames(
         warps, out_shape, cfg, progress=None, origin_px=(box.x0_px, box.y0_px) if framed else None,
-        fill_value=np.nan if framed else 0.0, landscape=landscape)
+        fill_value=np.nan if framed else 0.0, landscape=landscape, threads=threads)
     if landscape is not None:
         info["landscape"] = {"ground_fraction": float(1 - landscape.sky.mean()),
                              "feather_px": landscape.feather_px, "frozen_pose": ref_id}
@@ -862,7 +868,7 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
             for k in ("DATE-BEG", "DATE-END", "STACKMTH", "NIGHT", "REFFRAME")}
     remove = background_params.get("after_stack", True)
     if remove or out_model:
-        valid = np.isfinite(image)
+        # uncovered (NaN) pixels stay NaN through the subtraction
         ground = _ground_in_stack(sky_mask, header, image.shape[-2:])
         # the fit masks non-finite pixels itself (nightstack.background)
         with warnings.catch_warnings():
@@ -872,8 +878,7 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
                 in_place=remove)  # a 24 MP colour stack is 290 MB: no second copy
         if remove:
             image = corrected
-            image[~valid] = np.nan
-        del corrected, valid
+        del corrected
         if out_model:
             write_background_model(out_model, model, removed=remove, night=text["NIGHT"])
         del model

@@ -6,6 +6,8 @@ NaN pixels come out as 0.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from .errors import NightstackError
@@ -13,18 +15,23 @@ from .errors import NightstackError
 MAD_TO_SIGMA = 1.4826  # MAD of a Gaussian times this = its standard deviation
 
 
-def midtones_transfer(x, m) -> np.ndarray:
+def midtones_transfer(x, m, out=None) -> np.ndarray:
     """Midtones transfer function MTF(m, x) on [0, 1]: 0 -> 0, m -> 0.5, 1 -> 1.
 
     x: array in [0, 1]; m: midtones balance in (0, 1) (scalar or broadcastable).
     MTF(m, x) = (m - 1) x / ((2m - 1) x - m). float32 input gives float32 output.
+    out: optional array of x's shape and float dtype to write into (may be x itself).
     """
     x = np.asarray(x)
     # float32 images stay float32 and are worked on in place: a 24 MP channel is 96 MB
     dtype = np.float32 if x.dtype == np.float32 else np.float64
-    y = np.clip(x, 0.0, 1.0).astype(dtype, copy=False)
-    m = np.asarray(m, dtype=dtype)
-    denom = (2.0 * m - 1.0) * y - m
+    if out is not None and x.ndim and np.shape(m) == () and out.shape == x.shape:
+        y = np.clip(x, 0.0, 1.0, out=out)
+    else:
+        y = np.clip(x, 0.0, 1.0).astype(dtype, copy=False)
+    m = np.asarray(m, dtype=y.dtype)
+    denom = y * (2.0 * m - 1.0)
+    denom -= m
     with np.errstate(divide="ignore", invalid="ignore"):
         if y.ndim and np.broadcast(y, m).shape == y.shape:
             y *= m - 1.0
@@ -32,7 +39,11 @@ def midtones_transfer(x, m) -> np.ndarray:
             y[denom == 0] = 0.0
         else:
             y = np.where(denom != 0, (m - 1.0) * y / denom, 0.0).astype(dtype, copy=False)
-    return np.clip(y, 0.0, 1.0, out=y) if y.ndim else np.clip(y, 0.0, 1.0)
+    result = np.clip(y, 0.0, 1.0, out=y) if y.ndim else np.clip(y, 0.0, 1.0)
+    if out is not None and result is not out:
+        out[...] = result
+        return out
+    return result
 
 
 def _channels(image) -> tuple[np.ndarray, bool]:
@@ -57,17 +68,21 @@ def _median_mad(pixels: np.ndarray) -> tuple[float, float]:
 
 
 def _stf_channel(x: np.ndarray, median: float, mad: float, shadows_clip_mad, target_median):
-    """Apply the STF to one channel already normalised to [0, 1]."""
+    """Apply the STF to one channel already normalised to [0, 1], in place when ``x`` is a
+    float32 array (the caller's copy); returns the stretched channel."""
     black = min(max(median + shadows_clip_mad * mad, 0.0), 1.0)
     if black >= 1.0:
         return np.zeros_like(x)
     median_after_clip = (median - black) / (1.0 - black)
+    x = np.asarray(x, dtype=np.float32)
+    x -= np.float32(black)
+    x /= np.float32(1.0 - black)
     if not 0.0 < median_after_clip < 1.0:
         # No sky above the black point (a blank frame): a plain linear ramp is the honest view.
-        return np.clip((x - black) / (1.0 - black), 0.0, 1.0)
+        return np.clip(x, 0.0, 1.0, out=x)
     # MTF is its own inverse in m: choosing m = MTF(target, median) puts the median at target.
     m = float(midtones_transfer(median_after_clip, target_median))
-    return midtones_transfer((x - black) / (1.0 - black), m)
+    return midtones_transfer(x, m, out=x)
 
 
 def autostretch(
@@ -81,26 +96,49 @@ def autostretch(
     Unlinked channels each get their own black point, which neutralises a colour cast of the
     sky; linked channels share the mean of the channel statistics and keep their colour ratios.
     """
+    chans, mono = _channels(image)
+    out = np.empty(chans.shape, dtype=np.float32)
+    for k, channel in enumerate(
+        autostretch_channels(image, shadows_clip_mad, target_median, linked)
+    ):
+        out[k] = channel
+    return out[0] if mono else out
+
+
+def autostretch_channels(
+    image, shadows_clip_mad: float = -2.8, target_median: float = 0.25, linked: bool = False
+) -> Iterator[np.ndarray]:
+    """``autostretch`` one channel at a time.
+
+    Returns an iterator over the channels of ``image`` ((H, W) counts as one channel), each
+    float32 (H, W) in [0, 1] with NaN -> 0, made only when reached; a caller converting each
+    to 8 bits holds one channel of floats instead of the whole image (a 24 MP colour image:
+    96 MB instead of 288).
+    """
     if not 0.0 < target_median < 1.0:
         raise NightstackError(f"stretch: target_median must be in (0, 1), got {target_median}")
-    chans, mono = _channels(image)
-    finite = np.isfinite(chans)
-    if not finite.any():
-        return np.zeros(np.shape(image), dtype=np.float32)
+    chans, _ = _channels(image)
+    if not np.isfinite(chans).any():
+        return iter([np.zeros(chans.shape[1:], dtype=np.float32) for _ in chans])
     low, high = float(np.nanmin(chans)), float(np.nanmax(chans))
-    del finite
 
     def normalised(channel):  # one channel at a time: memory of one, not of the whole image
-        return (channel - low) / (high - low) if high > low else np.zeros_like(channel)
+        if not high > low:
+            return np.zeros_like(channel)
+        scaled = channel - np.float32(low)
+        scaled /= np.float32(high - low)
+        return scaled
 
     stats = np.array([_median_mad(normalised(c)) for c in chans])
     if linked:
         stats[:] = stats.mean(axis=0)
-    out = np.empty(chans.shape, dtype=np.float32)
-    for k, (med, mad) in enumerate(stats):
-        out[k] = _stf_channel(normalised(chans[k]), med, mad, shadows_clip_mad, target_median)
-    np.nan_to_num(out, copy=False, nan=0.0)
-    return out[0] if mono else out
+
+    def stretched(k):
+        med, mad = stats[k]
+        channel = _stf_channel(normalised(chans[k]), med, mad, shadows_clip_mad, target_median)
+        return np.nan_to_num(channel.astype(np.float32, copy=False), copy=False, nan=0.0)
+
+    return (stretched(k) for k in range(len(chans)))
 
 
 def linear_scale(image, low=None, high=None):
@@ -110,6 +148,14 @@ def linear_scale(image, low=None, high=None):
     channels together, so colour ratios survive); high: default their maximum.
     Returns (scaled float32 in [0, 1] with NaN -> 0, low, high), low and high in the image unit.
     """
+    img = np.asarray(image, dtype=np.float32)
+    low, high = linear_limits(img, low, high)
+    return scale_to_unit(img, low, high), low, high
+
+
+def linear_limits(image, low=None, high=None) -> tuple[float, float]:
+    """The (low, high) of ``linear_scale``, in the image unit: defaults the 0.001 quantile and
+    the maximum of the finite pixels of all channels together; high > low always."""
     img = np.asarray(image, dtype=np.float32)
     if low is None or high is None:
         flat = img.ravel()
@@ -122,10 +168,15 @@ def linear_scale(image, low=None, high=None):
     low, high = float(low), float(high)
     if not high > low:
         high = low + 1.0  # a flat image: any non-empty range maps it to 0
-    scaled = img - np.float32(low)  # in place from here on: one float32 copy of the image
+    return low, high
+
+
+def scale_to_unit(image, low: float, high: float) -> np.ndarray:
+    """(image - low) / (high - low) clipped to [0, 1], float32, NaN -> 0 (any shape)."""
+    scaled = np.asarray(image, dtype=np.float32) - np.float32(low)  # one float32 copy
     scaled /= np.float32(high - low)
     np.clip(scaled, 0.0, 1.0, out=scaled)
-    return np.nan_to_num(scaled, copy=False, nan=0.0), low, high
+    return np.nan_to_num(scaled, copy=False, nan=0.0)
 
 
 def _quantile_in_place(values: np.ndarray, q: float) -> float:

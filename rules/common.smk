@@ -207,10 +207,17 @@ def final_stack(wildcards):
     return f"{night_dir(wildcards.night)}/{name}.fits"
 
 
-# Per-frame memory, measured (benchmarks/README.md): an 18 MP DSLR frame peaks at 1.4 GB in
-# calibrate and 0.6 GB in stars; a 1.3 MP frame at 0.2 GB and 0.16 GB. Each retry asks for more.
-CALIBRATE_MB = (300, 75)  # (fixed, per megapixel)
-STARS_MB = (300, 35)
+# Job memory, measured (benchmarks/README.md): peak of a job at 1.7 / 24 MP
+#   calibrate 220 / 873 MB   stars 169 / 867   master 228 / 584   sky_mask 522 / 767
+#   outputs 228 / 917
+# as (fixed MB, MB per megapixel of the night's frames): about 20 % above the measured peaks,
+# plus 180 MB for the Snakemake process that runs the job on its node (a cluster counts it).
+# Each retry asks 50 % more. A job's memory does not grow with the number of frames.
+CALIBRATE_MB = (380, 35)
+STARS_MB = (380, 35)
+MASTER_MB = (430, 25)
+SKY_MASK_MB = (780, 15)
+OUTPUTS_MB = (430, 40)
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,6 +246,18 @@ def calibrate_mem_mb(wildcards, attempt):
 
 def stars_mem_mb(wildcards, attempt):
     return _frame_mb(wildcards.night, STARS_MB, attempt)
+
+
+def master_mem_mb(wildcards, attempt):
+    return _frame_mb(wildcards.night, MASTER_MB, attempt)
+
+
+def sky_mask_mem_mb(wildcards, attempt):
+    return _frame_mb(wildcards.night, SKY_MASK_MB, attempt)
+
+
+def outputs_mem_mb(wildcards, attempt):
+    return _frame_mb(wildcards.night, OUTPUTS_MB, attempt)
 
 
 def stack_mem_mb(wildcards, attempt):

@@ -9,7 +9,7 @@ rule sky_mask:
     conda:
         "../envs/nightstack.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=sky_mask_mem_mb,
         runtime=10,
     params:
         landscape=landscape_params(),

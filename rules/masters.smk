@@ -9,7 +9,7 @@ rule master:
     conda:
         "../envs/nightstack.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=master_mem_mb,
         runtime=30,
     params:
         calibration=config["calibration"],

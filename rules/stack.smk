@@ -62,7 +62,7 @@ rule outputs:
     conda:
         "../envs/nightstack.yaml"
     resources:
-        mem_mb=3000,
+        mem_mb=outputs_mem_mb,
         runtime=20,
     params:
         background=config["background"],

@@ -14,5 +14,6 @@ run_step(
     snakemake.params.stacking,
     sky_mask=snakemake.input.sky_mask,
     landscape_params=snakemake.params.landscape,
+    threads=snakemake.threads,
     log_path=snakemake.log[0],
 )

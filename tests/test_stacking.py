@@ -1,12 +1,15 @@
 """Stack step: warp accuracy, combine methods, tiling, coverage, weights."""
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import pytest
 from astropy.io import fits
 from scipy.spatial import cKDTree
 
 from nightstack.camera import Camera, map_frame_to_ref, map_ref_to_frame, rotation_matrix
-from nightstack.errors import NightstackError
+from nightstack.errors import FrameError, NightstackError
 from nightstack.io import open_fits_data, write_fits_image
 from nightstack.stacking import (
     FrameWarp,
@@ -296,6 +299,43 @@ def test_tiled_stack_equals_untiled_computation(small_night, method, interpolati
     np.testing.assert_array_equal(coverage, expected_cov)
 
 
+@pytest.mark.parametrize("method", ["winsorized", "mean"])
+def test_read_ahead_stack_equals_one_thread(small_night, method):
+    # with two threads the next tile is read while one is combined (a second buffer, so smaller
+    # tiles): the same stack and rejection, whatever the order the two threads run in
+    warps, shape = small_night
+    cfg = StackConfig(method=method, interpolation="lanczos4", weighting="noise", memory_mb=1)
+    image1, coverage1, info1 = stack_frames(warps, shape, cfg, threads=1)
+    calls = []
+    image2, coverage2, info2 = stack_frames(warps, shape, cfg, progress=calls.append, threads=2)
+    assert info2["n_tiles"] >= 12 and len(calls) == info2["n_tiles"]
+    np.testing.assert_array_equal(image2, image1)
+    np.testing.assert_array_equal(coverage2, coverage1)
+    assert info2["rejected_fraction"] == info1["rejected_fraction"]
+    assert info2["tile_h"] * info2["tile_w"] < info1["tile_h"] * info1["tile_w"]
+    # the noise curve is measured on the tiles' own pixels: other tiles, the same frame counts
+    assert info2["noise_curve"]["n_frames"] == info1["noise_curve"]["n_frames"]
+
+
+@pytest.mark.filterwarnings("ignore:File may have been truncated")
+def test_read_ahead_error_reaches_the_caller(small_night, tmp_path):
+    # a frame that breaks while the background thread reads it fails the stack by name
+    warps, shape = small_night
+    broken = tmp_path / "broken.fits"
+    broken.write_bytes(Path(warps[1].path).read_bytes())
+    bad = [w if i != 1 else dataclasses.replace(w, path=str(broken)) for i, w in enumerate(warps)]
+    cfg = StackConfig(method="mean", interpolation="linear", memory_mb=1)
+    calls = []
+
+    def truncate_after_first_tile(n):
+        calls.append(n)
+        if len(calls) == 1:
+            broken.write_bytes(broken.read_bytes()[:2880])
+
+    with pytest.raises(FrameError, match="broken.fits"):
+        stack_frames(bad, shape, cfg, progress=truncate_after_first_tile, threads=2)
+
+
 def test_cubic_tiled_stack_matches_untiled_closely(small_night):
     # The spline prefilter runs on each tile's read box, so tiles differ only by round-off.
     warps, shape = small_night
@@ -398,6 +438,8 @@ def test_tile_plan_respects_budget():
     assert huge.over_budget and (huge.tile_h, huge.tile_w) == (32, 32)
     one = plan_tiles(1, (3, 100, 4000), 512)
     assert (one.tile_h, one.tile_w) == (100, 4000) and one.n_tiles == 1
+    ahead = plan_tiles(200, (3, 1500, 2000), 512, read_ahead=True)  # two stack buffers
+    assert ahead.peak_mb <= 512 and ahead.tile_h * ahead.tile_w < plan.tile_h * plan.tile_w
 
 
 # ---------------------------------------------------------------------------- real data
