@@ -862,7 +862,9 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
     with fits.open(stack_linear) as hdul:
         image = np.asarray(hdul[0].data, dtype=np.float32)
         header = hdul[0].header.copy()
-        coverage = np.asarray(hdul["COVERAGE"].data) if "COVERAGE" in hdul else None
+        # native copies: a view would keep the file's memory map, and so the 24 MP image
+        # pages read through it (290 MB), alive after the file is closed
+        coverage = np.array(hdul["COVERAGE"].data, dtype=np.int16) if "COVERAGE" in hdul else None
     frames = frame_names_from_header(header)
     text = {k: header_text_decoded(header[k]) if k in header else None
             for k in ("DATE-BEG", "DATE-END", "STACKMTH", "NIGHT", "REFFRAME")}
