@@ -208,8 +208,8 @@ def final_stack(wildcards):
 
 
 # Job memory, measured (benchmarks/README.md): peak of a job at 1.7 / 24 MP
-#   calibrate 220 / 873 MB   stars 169 / 867   master 228 / 584   sky_mask 522 / 767
-#   outputs 228 / 917
+#   calibrate 220 / 855 MB   stars 169 / 866   master 228 / 590   sky_mask 523 / 767
+#   outputs 228 / 893
 # as (fixed MB, MB per megapixel of the night's frames): about 20 % above the measured peaks,
 # plus 180 MB for the Snakemake process that runs the job on its node (a cluster counts it).
 # Each retry asks 50 % more. A job's memory does not grow with the number of frames.
