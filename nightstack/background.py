@@ -197,8 +197,8 @@ def _plane_blocks(coef, py: int, px: int) -> np.ndarray:
     u = (np.arange(px) - (px - 1) / 2.0).astype(np.float32)
     v = (np.arange(py) - (py - 1) / 2.0).astype(np.float32)
     c = coef.astype(np.float32)
-    # (a + b*u) + c*v, as before, with one frame-sized array: the slope terms are (.., 1, px)
-    # and (.., py, 1) and broadcast in place
+    # (a + b*u) + c*v with one frame-sized array: the slope terms are (.., 1, px) and
+    # (.., py, 1), broadcast into it in place
     plane = c[..., 0, None, None] + c[..., 1, None, None] * u[None, None, None, :]
     plane = np.broadcast_to(plane, coef.shape[:2] + (py, px)).copy()
     plane += c[..., 2, None, None] * v[None, None, :, None]

@@ -9,6 +9,7 @@ A frame that cannot be used is never an exception here: its artifact records
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -75,8 +76,6 @@ SKY_FRACTION_HDU = "SKYFRAC"
 
 def master_step(kind: str, paths, output, params: dict, bias=None, dark=None) -> None:
     """Combine calibration frames of one kind into a float32 master FITS."""
-    import tempfile
-
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     # each frame is parked on disk as it is loaded (calibration.DiskFrame): memory stays that
     # of one frame and a band, whatever the number of calibration frames
@@ -730,11 +729,10 @@ def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, outp
                sky_mask=None, landscape_params: dict | None = None, threads: int = 1) -> None:
     """Reproject every accepted frame into the reference and combine; write the linear stack.
 
-    threads: with 2 or more the next tile is read while one is combined (stacking.stack_frames).
-
     sky_mask: optional sky_mask.fits of the night; with ground in it, the sky is stacked from
     sky pixels only and the ground frozen (nightstack.landscape), joined over
-    ``landscape_params['feather_px']``.
+    ``landscape_params['feather_px']``. threads: with 2 or more the next tile is read while
+    one is combined (stacking.stack_frames).
 
     ``stack_params["framing"]`` (reference | crop | maximize, nightstack.framing) chooses the
     box of reference pixels the stack covers; it is recorded in the FITS header and the info.
@@ -870,9 +868,9 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
             for k in ("DATE-BEG", "DATE-END", "STACKMTH", "NIGHT", "REFFRAME")}
     remove = background_params.get("after_stack", True)
     if remove or out_model:
-        # uncovered (NaN) pixels stay NaN through the subtraction
         ground = _ground_in_stack(sky_mask, header, image.shape[-2:])
-        # the fit masks non-finite pixels itself (nightstack.background)
+        # the fit masks non-finite pixels itself, and uncovered (NaN) pixels stay NaN through
+        # the subtraction (nightstack.background)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # uncovered
             corrected, model = remove_background(
@@ -910,7 +908,6 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
 def demo_step(folder, params: dict) -> None:
     """Generate the demo night into ``folder`` (files moved in once all are written)."""
     import shutil
-    import tempfile
 
     from .demo import DemoConfig, generate_night
 

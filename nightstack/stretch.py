@@ -20,12 +20,15 @@ def midtones_transfer(x, m, out=None) -> np.ndarray:
 
     x: array in [0, 1]; m: midtones balance in (0, 1) (scalar or broadcastable).
     MTF(m, x) = (m - 1) x / ((2m - 1) x - m). float32 input gives float32 output.
-    out: optional array of x's shape and float dtype to write into (may be x itself).
+    out: optional float array of x's shape to work in (may be x itself); m must then be a
+    scalar.
     """
     x = np.asarray(x)
     # float32 images stay float32 and are worked on in place: a 24 MP channel is 96 MB
     dtype = np.float32 if x.dtype == np.float32 else np.float64
-    if out is not None and x.ndim and np.shape(m) == () and out.shape == x.shape:
+    if out is not None and np.ndim(m) != 0:
+        raise NightstackError("midtones_transfer: out= needs a scalar m")
+    if out is not None:
         y = np.clip(x, 0.0, 1.0, out=out)
     else:
         y = np.clip(x, 0.0, 1.0).astype(dtype, copy=False)
@@ -39,11 +42,7 @@ def midtones_transfer(x, m, out=None) -> np.ndarray:
             y[denom == 0] = 0.0
         else:
             y = np.where(denom != 0, (m - 1.0) * y / denom, 0.0).astype(dtype, copy=False)
-    result = np.clip(y, 0.0, 1.0, out=y) if y.ndim else np.clip(y, 0.0, 1.0)
-    if out is not None and result is not out:
-        out[...] = result
-        return out
-    return result
+    return np.clip(y, 0.0, 1.0, out=y) if y.ndim else np.clip(y, 0.0, 1.0)
 
 
 def _channels(image) -> tuple[np.ndarray, bool]:

@@ -240,24 +240,21 @@ def _frame_mb(night, fixed_and_per_mp, attempt):
     return int((fixed + per_mp * night_megapixels(night)) * (1 + 0.5 * (attempt - 1)))
 
 
-def calibrate_mem_mb(wildcards, attempt):
-    return _frame_mb(wildcards.night, CALIBRATE_MB, attempt)
+def frame_sized_mem_mb(fixed_and_per_mp):
+    """A rule's mem_mb (resources callable) of (fixed MB, MB per megapixel) for the night's
+    frame size, growing on each retry."""
+
+    def mem_mb(wildcards, attempt):
+        return _frame_mb(wildcards.night, fixed_and_per_mp, attempt)
+
+    return mem_mb
 
 
-def stars_mem_mb(wildcards, attempt):
-    return _frame_mb(wildcards.night, STARS_MB, attempt)
-
-
-def master_mem_mb(wildcards, attempt):
-    return _frame_mb(wildcards.night, MASTER_MB, attempt)
-
-
-def sky_mask_mem_mb(wildcards, attempt):
-    return _frame_mb(wildcards.night, SKY_MASK_MB, attempt)
-
-
-def outputs_mem_mb(wildcards, attempt):
-    return _frame_mb(wildcards.night, OUTPUTS_MB, attempt)
+calibrate_mem_mb = frame_sized_mem_mb(CALIBRATE_MB)
+stars_mem_mb = frame_sized_mem_mb(STARS_MB)
+master_mem_mb = frame_sized_mem_mb(MASTER_MB)
+sky_mask_mem_mb = frame_sized_mem_mb(SKY_MASK_MB)
+outputs_mem_mb = frame_sized_mem_mb(OUTPUTS_MB)
 
 
 def stack_mem_mb(wildcards, attempt):
