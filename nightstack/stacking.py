@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from .camera import Camera, map_ref_to_frame
+from .clipping import clip_runs
 from .errors import FrameError, NightstackError
 from .settings import settings_from_dict
 from .io import open_fits_data
@@ -58,10 +59,6 @@ MIN_TILE_PX = 32
 WORK_ARRAYS = 3  # sorted copy + deviations + boolean masks while combining, in buffers
 BYTES_PER_PIXEL_VALUE = 48  # per pixel and channel: counts, ranks, centre, sigma, sums
 WARP_BYTES_PER_PX = 512  # coordinates (float64), read box, Lanczos accumulators per tile px
-WINSOR_FACTOR = 1.134  # Siril: corrects the std of a Gaussian winsorized at +-1.5 sigma
-WINSOR_CLIP_SIGMA = 1.5
-WINSOR_TOLERANCE = 5e-4  # relative change of sigma at which the winsorizing loop stops
-WINSOR_MAX_ITERATIONS = 50
 LANCZOS_A = 3
 
 
@@ -456,106 +453,21 @@ def _median_of_run(sorted_values, lo, n) -> np.ndarray:
     return np.where(n > 0, 0.5 * (a + b), np.nan)
 
 
-def _deviations_in_run(sorted_values, lo, hi, centre) -> np.ndarray:
-    """float32 (N, P): value - centre inside each pixel's rank run [lo, hi), 0 outside it.
-
-    Zeros outside the run drop out of sums and never pass a rejection threshold, so the
-    statistics below need no masks.
-    """
-    dev = sorted_values - centre.astype(np.float32)
-    for rank, row in enumerate(dev):  # row by row: no (N, P) mask in memory
-        row[(rank < lo) | (rank >= hi)] = 0.0  # also clears the NaN (missing) values
-    return dev
-
-
-def _std_of_deviations(dev, n) -> np.ndarray:
-    """Sample standard deviation (P,) from deviations (N, P) that are 0 outside the run.
-
-    Sums run frame after frame in float64, so a pixel's result does not depend on how many
-    other pixels are combined with it (tiled and untiled stacks agree exactly).
-    """
-    s1 = np.zeros(dev.shape[1], dtype=np.float64)
-    s2 = np.zeros(dev.shape[1], dtype=np.float64)
-    for row in dev:
-        s1 += row
-        s2 += np.square(row, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        var = (s2 - s1 * s1 / n) / (n - 1)
-    return np.where(n > 1, np.sqrt(np.maximum(var, 0.0)), 0.0)
-
-
-def _winsorized_sigma(dev, n, sigma) -> np.ndarray:
-    """Siril's robust sigma (P,): winsorize at +-1.5 sigma, sigma = 1.134 std, until stable.
-
-    dev: deviations from the median (N, P), 0 outside the run; modified in place. A pixel
-    stops once its sigma changes by less than WINSOR_TOLERANCE (relative); only the pixels
-    still changing are carried into the next round.
-    """
-    sigma = sigma.copy()
-    pending = np.arange(sigma.size)
-    for _ in range(WINSOR_MAX_ITERATIONS):
-        half_width = (WINSOR_CLIP_SIGMA * sigma[pending]).astype(np.float32)
-        np.clip(dev, -half_width, half_width, out=dev)
-        new_sigma = WINSOR_FACTOR * _std_of_deviations(dev, n[pending])
-        moving = np.abs(new_sigma - sigma[pending]) > WINSOR_TOLERANCE * sigma[pending]
-        sigma[pending] = new_sigma
-        if not moving.any():
-            break
-        if not moving.all():
-            dev, pending = _keep_columns(dev, moving), pending[moving]
-    return sigma
-
-
-def _keep_columns(array, keep) -> np.ndarray:
-    """array[:, keep] compacted in place row by row (no second full-size copy); a view."""
-    n_keep = int(np.count_nonzero(keep))
-    for row in array:
-        row[:n_keep] = row[keep]
-    return array[:, :n_keep]
-
-
-def _count_outside(dev, low_limit, high_limit):
-    """Numbers (P,) of deviations below low_limit (< 0) and above high_limit (> 0)."""
-    n_below = np.zeros(dev.shape[1], dtype=np.int32)
-    n_above = np.zeros(dev.shape[1], dtype=np.int32)
-    for row in dev:
-        n_below += row < low_limit
-        n_above += row > high_limit
-    return n_below, n_above
-
-
 def _clip_runs(sorted_values, n_valid, cfg: StackConfig):
-    """Kept rank run [lo, hi) (P,) of each pixel after sigma or winsorized clipping.
+    """Kept rank run [lo, hi) (P,) int32 of each pixel after sigma or winsorized clipping.
 
-    Only pixels with at least min_frames_for_clipping values are clipped, and a pixel stops
-    once nothing changed or fewer than that many values remain; only pixels still changing
-    are carried into the next iteration.
+    sorted_values: float32 (N, P), columns sorted, NaN last; n_valid: (P,) finite counts.
+    The per-pixel iteration runs compiled (clipping.clip_runs).
     """
-    lo = np.zeros(n_valid.shape, dtype=np.int32)
-    hi = n_valid.astype(np.int32)
-    active = np.flatnonzero(n_valid >= cfg.min_frames_for_clipping).astype(np.int32)
-    for _ in range(cfg.iterations):
-        if active.size == 0:
-            break
-        sub = sorted_values if active.size == n_valid.size else sorted_values[:, active]
-        a_lo, a_hi = lo[active], hi[active]
-        n = a_hi - a_lo
-        centre = _median_of_run(sub, a_lo, n)
-        dev = _deviations_in_run(sub, a_lo, a_hi, centre)
-        sigma = _std_of_deviations(dev, n)
-        if cfg.method == "winsorized":
-            sigma = _winsorized_sigma(dev, n, sigma)
-            del dev
-            dev = _deviations_in_run(sub, a_lo, a_hi, centre)  # the winsorizing overwrote it
-        n_below, n_above = _count_outside(
-            dev, (-cfg.sigma_low * sigma).astype(np.float32),
-            (cfg.sigma_high * sigma).astype(np.float32))
-        del dev, sub
-        lo[active] += n_below
-        hi[active] -= n_above
-        changed = (n_below + n_above) > 0
-        active = active[changed & (hi[active] - lo[active] >= cfg.min_frames_for_clipping)]
-    return lo, hi
+    return clip_runs(
+        np.ascontiguousarray(sorted_values, dtype=np.float32),
+        np.asarray(n_valid, dtype=np.int32),
+        cfg.method == "winsorized",
+        float(cfg.sigma_low),
+        float(cfg.sigma_high),
+        int(cfg.iterations),
+        int(cfg.min_frames_for_clipping),
+    )
 
 
 def _mean_of_kept(values, kept, weights) -> tuple[np.ndarray, np.ndarray]:
