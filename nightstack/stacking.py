@@ -41,9 +41,14 @@ from scipy import ndimage
 from .camera import Camera, map_ref_to_frame
 from .clipping import clip_runs
 from .errors import FrameError, NightstackError
+from .io import OpenFrames, open_fits_data
+from .noise import (
+    curve_frame_counts,
+    growing_mean_noise,
+    pool_region_noise,
+    probe_boxes,
+)
 from .settings import settings_from_dict
-from .io import open_fits_data
-from .noise import curve_frame_counts, growing_mean_noise, pool_region_noise, probe_boxes
 
 log = logging.getLogger("nightstack")
 
@@ -419,24 +424,21 @@ def normalise_tile(tile: np.ndarray, warp: FrameWarp) -> np.ndarray:
     return ((tile - offset) / scale + target).astype(np.float32)
 
 
-def read_warped_tile(warp: FrameWarp, y0, y1, x0, x1, interpolation: str) -> np.ndarray:
-    """Open the frame, warp and normalise one tile, close it: (C, h, w) float32.
+def read_warped_tile(warp: FrameWarp, y0, y1, x0, x1, interpolation: str,
+                     frames: OpenFrames | None = None) -> np.ndarray:
+    """Warp and normalise one tile of the frame: (C, h, w) float32.
 
     A float32 frame is memory-mapped; of a tile-compressed one only the compression tiles
-    the read box touches are decompressed (io.open_fits_data). The file is closed after
-    every tile so the pages read are unmapped and never add up.
+    the read box touches are decompressed (io.open_fits_data). ``frames`` keeps the file
+    open for the next tile (io.OpenFrames); without it the file is opened and closed here.
     """
     try:
-        hdul, data = open_fits_data(warp.path)
+        if frames is None:
+            frames = OpenFrames(max_open=0)
+        with frames.reading(warp.path) as data:
+            tile = warp_tile(data, warp, y0, y1, x0, x1, interpolation)
     except (OSError, ValueError, TypeError) as exc:  # astropy: TypeError for a truncated file
         raise FrameError(warp.path, f"cannot read calibrated frame: {exc}") from exc
-    try:
-        tile = warp_tile(data, warp, y0, y1, x0, x1, interpolation)
-    except (OSError, ValueError, TypeError) as exc:
-        raise FrameError(warp.path, f"cannot read calibrated frame: {exc}") from exc
-    finally:
-        del data  # the mmap is only closed once no array refers to it
-        hdul.close()
     return normalise_tile(tile, warp)
 
 
@@ -665,7 +667,7 @@ def _noise_curve_info(pooled, n_frames: int, probes: dict) -> dict | None:
 
 
 def _read_tile_stack(warps: list[FrameWarp], bounds, origin_px, n_channels: int,
-                     interpolation: str, buffer: np.ndarray) -> np.ndarray:
+                     interpolation: str, buffer: np.ndarray, frames: OpenFrames) -> np.ndarray:
     """Every frame warped onto one tile (y0, y1, x0, x1) of the output, written into the
     front of the flat float32 ``buffer``: (N, C, h, w). origin_px: (x0, y0) of the output in
     reference pixels."""
@@ -674,7 +676,8 @@ def _read_tile_stack(warps: list[FrameWarp], bounds, origin_px, n_channels: int,
     stack = buffer[: len(warps) * n_channels * (y1 - y0) * (x1 - x0)].reshape(
         len(warps), n_channels, y1 - y0, x1 - x0)
     for i, warp in enumerate(warps):
-        stack[i] = read_warped_tile(warp, y0 + oy, y1 + oy, x0 + ox, x1 + ox, interpolation)
+        stack[i] = read_warped_tile(warp, y0 + oy, y1 + oy, x0 + ox, x1 + ox, interpolation,
+                                    frames)
     return stack
 
 
@@ -686,22 +689,25 @@ def _tile_stacks(warps: list[FrameWarp], tiles: list, origin_px, n_channels: int
     the next tile is read and warped in a background thread while the caller combines the
     current one (decompressing, warping and numpy release the interpreter lock for most of
     their time); a stack yielded stays untouched until the caller asks for the next one.
+    Frames stay open from tile to tile (io.OpenFrames) and are closed when the last tile is
+    read or the caller stops early.
     """
-    def read(k):
-        return _read_tile_stack(warps, tiles[k], origin_px, n_channels, interpolation,
-                                buffers[k % len(buffers)])  # fmt: skip
+    with OpenFrames() as frames:
+        def read(k):
+            return _read_tile_stack(warps, tiles[k], origin_px, n_channels, interpolation,
+                                    buffers[k % len(buffers)], frames)  # fmt: skip
 
-    if len(buffers) == 1:
-        for k, bounds in enumerate(tiles):
-            yield bounds, read(k)
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
-        pending = pool.submit(read, 0)
-        for k, bounds in enumerate(tiles):
-            stack = pending.result()
-            if k + 1 < len(tiles):
-                pending = pool.submit(read, k + 1)
-            yield bounds, stack
+        if len(buffers) == 1:
+            for k, bounds in enumerate(tiles):
+                yield bounds, read(k)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+            pending = pool.submit(read, 0)
+            for k, bounds in enumerate(tiles):
+                stack = pending.result()
+                if k + 1 < len(tiles):
+                    pending = pool.submit(read, k + 1)
+                yield bounds, stack
 
 
 def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = None,

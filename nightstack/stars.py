@@ -32,15 +32,18 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from astropy.stats import sigma_clipped_stats
-from astropy.table import Table
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .errors import NightstackError
 from .settings import settings_from_dict
+
+if TYPE_CHECKING:
+    from astropy.table import Table
 
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 MAD_TO_SIGMA = 1.4826
@@ -653,12 +656,16 @@ def detect_stars(image, cfg: StarConfig = StarConfig(), mask=None) -> Table:
     fits = fit_stars(img, x0, y0, cfg, scale_px=scale, saturation_adu=saturation,
                      noise_floor_adu=floor, noise_correlation=correlation)
     keep = prune_fits(fits, x0, y0, cfg, width, height)
+    from astropy.table import (
+        Table,  # here, not at the top: calibrate jobs need luminance only
+    )
+
     table = Table({name: np.asarray(fits[name][keep], dtype=np.float64) for name in STAR_COLUMNS})
     table.meta.update(
         {
-            "n_candidates": int(len(x0)),
+            "n_candidates": len(x0),
             "n_hot_pixels": n_hot,
-            "n_stars": int(len(table)),
+            "n_stars": len(table),
             "fwhm_px_median": float(np.median(table["fwhm_px"])) if len(table) else float("nan"),
             "ellipticity_median": (
                 float(np.median(table["ellipticity"])) if len(table) else float("nan")

@@ -13,9 +13,9 @@ import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from astropy.table import Table
 
 from . import __version__
 from .background import background_config_from_dict, remove_background
@@ -57,14 +57,10 @@ from .landscape import (
 )
 from .loading import load_frame
 from .logs import Progress, log
-from .registration import (
-    Pose,
-    RegistrationConfig,
-    StarList,
-    estimate_pose,
-    solve_night,
-)
 from .stars import detect_stars_presmoothed, luminance, star_config_from_dict
+
+if TYPE_CHECKING:
+    from .registration import Pose, RegistrationConfig
 
 SOFTWARE = f"nightstack {__version__}"
 LP_MODEL_HDU = "LPMODEL"
@@ -285,6 +281,8 @@ def stars_step(calibrated, output, star_params: dict, sky_mask=None) -> None:
     data, header = read_fits_image(calibrated, memmap=False)
     source = _source(header, Path(calibrated).name)
     if header.get("NSSTATUS") != "ok" or data is None:
+        from astropy.table import Table
+
         table = Table(names=["x", "y", "flux", "fwhm_px", "ellipticity", "snr", "peak"])
         table.meta.update(status="rejected", reason=_long_reason(header), source=source)
         write_catalog(output, table)
@@ -449,6 +447,7 @@ def _consensus(candidates: list, tables: dict, n_probe: int = 8) -> dict:
     reference is the candidate that the rest of the night agrees with.
     """
     from .matching import match_coarse
+    from .registration import StarList
 
     others = list(tables)
     scores = {}
@@ -507,6 +506,8 @@ def reference_camera(meta: dict, reg_params: dict) -> Camera:
 
 
 def registration_config(reg_params: dict) -> RegistrationConfig:
+    from .registration import RegistrationConfig
+
     dist = reg_params.get("distortion", "auto")
     dist = {True: "on", False: "off"}.get(dist, dist)
     keys = ("min_pairs", "max_rms_px", "per_frame_focal", "min_snr")
@@ -562,6 +563,8 @@ def size_mismatch(meta: dict, ref_cam: Camera) -> str:
 
 def pose_step(frame: str, catalog, reference_json, output, reg_params: dict) -> None:
     """Register one frame's stars on the reference's; write the pose JSON."""
+    from .registration import Pose, StarList, estimate_pose
+
     ref_info = read_json(reference_json)
     table = read_catalog(catalog)
     meta = table.meta
@@ -595,6 +598,8 @@ def pose_step(frame: str, catalog, reference_json, output, reg_params: dict) -> 
 
 
 def _pose_from_record(rec: dict) -> Pose:
+    from .registration import Pose
+
     if rec["status"] != "accepted":
         return Pose(status="rejected", reason=rec.get("reason", ""))
     return Pose(status="accepted", rotvec=np.asarray(rec["rotvec"], float), zoom=float(rec["zoom"]),
@@ -605,6 +610,8 @@ def _pose_from_record(rec: dict) -> Pose:
 def solve_step(night: str, frames: list, catalogs: dict, poses: dict, reference_json, output,
                reg_params: dict, quality_params: dict | None = None) -> None:
     """Global bundle adjustment of a night; writes solution.json listing every frame."""
+    from .registration import Pose, StarList, solve_night
+
     ref_info = read_json(reference_json)
     ref_id = ref_info["frame"]
     cfg = registration_config(reg_params)

@@ -1,6 +1,6 @@
 """Stack step: warp accuracy, combine methods, tiling, coverage, weights."""
 
-import dataclasses
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +8,15 @@ import pytest
 from astropy.io import fits
 from scipy.spatial import cKDTree
 
-from nightstack.camera import Camera, map_frame_to_ref, map_ref_to_frame, rotation_matrix
+from nightstack import io, stacking
+from nightstack.camera import (
+    Camera,
+    map_frame_to_ref,
+    map_ref_to_frame,
+    rotation_matrix,
+)
 from nightstack.errors import FrameError, NightstackError
-from nightstack.io import open_fits_data, write_fits_image
+from nightstack.io import OpenFrames, open_fits_data, write_fits_image
 from nightstack.stacking import (
     FrameWarp,
     StackConfig,
@@ -318,26 +324,58 @@ def test_read_ahead_stack_equals_one_thread(small_night, method):
 
 
 @pytest.mark.filterwarnings("ignore:File may have been truncated")
-def test_read_ahead_error_reaches_the_caller(small_night, tmp_path):
-    # a frame that breaks while the background thread reads it fails the stack by name
+def test_read_ahead_error_reaches_the_caller(small_night, monkeypatch):
+    # a frame that fails to read in the background thread, after the first tiles went
+    # well, fails the stack naming the file
     warps, shape = small_night
-    broken = tmp_path / "broken.fits"
-    broken.write_bytes(Path(warps[1].path).read_bytes())
-    bad = [w if i != 1 else dataclasses.replace(w, path=str(broken)) for i, w in enumerate(warps)]
     cfg = StackConfig(method="mean", interpolation="linear", memory_mb=1)
-    calls = []
+    reads = []
+    real_warp_tile = stacking.warp_tile
 
-    def truncate_after_first_tile(n):
-        # the frame is swapped for a truncated copy (rename, not truncation in place: a file
-        # cut under a memory map that a thread is reading is a SIGBUS, not an error)
-        calls.append(n)
-        if len(calls) == 1:
-            cut = tmp_path / "cut.fits"
-            cut.write_bytes(broken.read_bytes()[:2880])
-            cut.replace(broken)
+    def failing_on_the_tenth_read_of_frame_1(data, warp, *args):
+        if warp.path == warps[1].path:
+            reads.append(1)
+            if len(reads) == 10:
+                raise OSError("Input/output error")
+        return real_warp_tile(data, warp, *args)
 
-    with pytest.raises(FrameError, match="broken.fits"):
-        stack_frames(bad, shape, cfg, progress=truncate_after_first_tile, threads=2)
+    monkeypatch.setattr(stacking, "warp_tile", failing_on_the_tenth_read_of_frame_1)
+    with pytest.raises(FrameError, match=Path(warps[1].path).name):
+        stack_frames(warps, shape, cfg, threads=2)
+    assert len(reads) == 10
+
+
+def test_frames_are_opened_once_for_all_tiles(small_night, monkeypatch):
+    # opening is the per-tile cost that grew as frames x tiles; each frame opens once now
+    warps, shape = small_night
+    cfg = StackConfig(method="winsorized", interpolation="linear", memory_mb=1)
+    opened = Counter()
+    real_open = io.open_fits_data
+
+    def counting_open(path):
+        opened[path] += 1
+        return real_open(path)
+
+    monkeypatch.setattr(io, "open_fits_data", counting_open)
+    image, _, info = stack_frames(warps, shape, cfg, threads=2)
+    assert info["n_tiles"] >= 12
+    assert set(opened) == {w.path for w in warps} and set(opened.values()) == {1}
+    opened.clear()
+    monkeypatch.setattr(io, "MAX_OPEN_FRAMES", 0)  # open and close around every read
+    reopened, _, _ = stack_frames(warps, shape, cfg, threads=2)
+    assert set(opened.values()) == {info["n_tiles"]}
+    np.testing.assert_array_equal(image, reopened)
+
+
+def test_open_frames_beyond_the_limit_are_reopened(small_night):
+    warps, _ = small_night
+    with OpenFrames(max_open=2) as frames:
+        for _ in range(2):
+            for warp in warps:
+                with frames.reading(warp.path) as data:
+                    assert data.shape[-2:] == (warp.frame_camera.height_px, warp.frame_camera.width_px)
+        assert len(frames) == 2
+    assert len(frames) == 0
 
 
 def test_cubic_tiled_stack_matches_untiled_closely(small_night):
