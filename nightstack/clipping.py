@@ -3,7 +3,7 @@
 Clipping iterates per pixel until nothing changes, and winsorizing iterates again inside
 that until the pixel's sigma settles (up to 50 rounds). In numpy every round is several
 passes over the whole (frames, pixels) block; here each pixel's values stay in cache while
-it converges, which makes the stack step's rejection about 30x faster (benchmarks/README.md).
+it converges: 5x faster on 16 frames of 1 MP (2.2 s -> 0.44 s for the clipping alone).
 
 The arithmetic is the same as a vectorised version (float32 deviations, float64 sums in
 rank order), so results do not depend on how pixels are grouped into tiles.
@@ -58,47 +58,81 @@ def _winsorized_sigma(dev, n, sigma):
 
 
 @njit(cache=True, nogil=True)
-def clip_runs(sorted_values, n_valid, winsorized, sigma_low, sigma_high, iterations, min_frames):
-    """Kept rank run [lo, hi) of each pixel after sigma (or winsorized) clipping.
+def _clip_run(run, n_valid, winsorized, sigma_low, sigma_high, iterations, min_frames, dev):
+    """Kept rank run [a, b) of one pixel's sorted finite values run[:n_valid]."""
+    a = 0
+    b = n_valid
+    if n_valid < min_frames:
+        return a, b
+    for _ in range(iterations):
+        n = b - a
+        centre = np.float32(_median(run[a:b], n))
+        for k in range(n):
+            dev[k] = run[a + k] - centre
+        sigma = _std(dev, n)
+        if winsorized:
+            sigma = _winsorized_sigma(dev, n, sigma)
+        low_limit = np.float32(-sigma_low * sigma)
+        high_limit = np.float32(sigma_high * sigma)
+        n_below = 0
+        n_above = 0
+        for k in range(a, b):
+            deviation = run[k] - centre
+            if deviation < low_limit:
+                n_below += 1
+            if deviation > high_limit:
+                n_above += 1
+        a += n_below
+        b -= n_above
+        if n_below + n_above == 0 or b - a < min_frames:
+            break
+    return a, b
 
-    sorted_values: float32 (N, P), each column sorted, NaN (missing) last.
-    n_valid: int (P,) finite values per column. A pixel is clipped only if it has at least
-    ``min_frames`` values, and stops once nothing changed or fewer than that remain.
-    Returns lo, hi: int32 (P,); the kept values of pixel p are sorted_values[lo:hi, p].
+
+@njit(cache=True, nogil=True)
+def clipped_mean(values, sorted_values, weights, winsorized, sigma_low, sigma_high, iterations,
+                 min_frames):
+    """Clip each pixel's stack and average what is kept, in one pass over the pixels.
+
+    values: float32 (N, P), finite or NaN (missing); sorted_values: the same sorted along
+    the frame axis (NaN last; numpy's vectorised sort is faster than sorting per pixel).
+    weights: float64 (N, P) (a broadcast view of per-frame weights will do). Each pixel's
+    run of non-missing sorted values is clipped (_clip_run); the kept values are those between
+    the run's two end values (thresholds are strict, so no value equal to an end was
+    rejected), summed in frame order in float64.
+    Returns combined float32 (P,) (NaN where nothing is kept), n_used int32 (P,), and
+    rejected bool (N, P): values the clipping removed.
     """
-    n_frames, n_pixels = sorted_values.shape
-    lo = np.zeros(n_pixels, dtype=np.int32)
-    hi = np.empty(n_pixels, dtype=np.int32)
+    n_frames, n_pixels = values.shape
+    combined = np.empty(n_pixels, dtype=np.float32)
+    n_used = np.zeros(n_pixels, dtype=np.int32)
+    rejected = np.zeros((n_frames, n_pixels), dtype=np.bool_)
     run = np.empty(n_frames, dtype=np.float32)
     dev = np.empty(n_frames, dtype=np.float32)
     for p in range(n_pixels):
-        a = 0
-        b = np.int32(n_valid[p])
-        if b >= min_frames:
-            for k in range(b):
-                run[k] = sorted_values[k, p]
-            for _ in range(iterations):
-                n = b - a
-                centre = np.float32(_median(run[a:b], n))
-                for k in range(n):
-                    dev[k] = run[a + k] - centre
-                sigma = _std(dev, n)
-                if winsorized:
-                    sigma = _winsorized_sigma(dev, n, sigma)
-                low_limit = np.float32(-sigma_low * sigma)
-                high_limit = np.float32(sigma_high * sigma)
-                n_below = 0
-                n_above = 0
-                for k in range(a, b):
-                    deviation = run[k] - centre
-                    if deviation < low_limit:
-                        n_below += 1
-                    if deviation > high_limit:
-                        n_above += 1
-                a += n_below
-                b -= n_above
-                if n_below + n_above == 0 or b - a < min_frames:
-                    break
-        lo[p] = a
-        hi[p] = b
-    return lo, hi
+        n = 0
+        while n < n_frames and not np.isnan(sorted_values[n, p]):
+            run[n] = sorted_values[n, p]
+            n += 1
+        a, b = _clip_run(run, n, winsorized, sigma_low, sigma_high, iterations, min_frames, dev)
+        if b <= a:  # nothing kept (no value at all, in practice)
+            combined[p] = np.nan
+            for i in range(n_frames):
+                rejected[i, p] = not np.isnan(values[i, p])
+            continue
+        low_end = run[a]
+        high_end = run[b - 1]
+        num = 0.0
+        den = 0.0
+        used = 0
+        for i in range(n_frames):
+            v = values[i, p]
+            if low_end <= v <= high_end:  # False for NaN
+                num += np.float64(v) * weights[i, p]
+                den += weights[i, p]
+                used += 1
+            elif not np.isnan(v):
+                rejected[i, p] = True
+        combined[p] = np.float32(num / den) if den > 0 else np.float32(np.nan)
+        n_used[p] = used
+    return combined, n_used, rejected

@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from .camera import Camera, map_ref_to_frame
-from .clipping import clip_runs
+from .clipping import clipped_mean
 from .errors import FrameError, NightstackError
 from .io import OpenFrames, open_fits_data
 from .noise import (
@@ -232,7 +232,8 @@ def _frame_coordinates(xy_ref: np.ndarray, warp: FrameWarp, width: int, height: 
             & (xy[:, 1] <= height - 1 + tol)
         )
     inside &= _in_front_of_frame(xy_ref, warp)
-    xy = xy[inside]
+    if not inside.all():  # a tile wholly inside the frame (most of them) needs no compaction
+        xy = xy[inside]
     np.clip(xy[:, 0], 0, width - 1, out=xy[:, 0])
     np.clip(xy[:, 1], 0, height - 1, out=xy[:, 1])
     return xy, inside
@@ -408,11 +409,15 @@ def warp_tile(data_memmap, warp: FrameWarp, y0: int, y1: int, x0: int, x1: int,
         raise NightstackError(f"unknown interpolation {interpolation!r}")
     data = data_memmap if data_memmap.ndim == 3 else data_memmap[None]
     n_channels, height, width = data.shape
-    out = np.full((n_channels, (y1 - y0) * (x1 - x0)), np.nan, dtype=np.float32)
     xy, inside = _frame_coordinates(tile_pixel_grid(y0, y1, x0, x1), warp, width, height)
-    if inside.any():
+    if inside.all():
         box, bx0, by0 = _read_box(data, xy, READ_MARGIN_PX)
-        out[:, inside] = _interpolate(box, xy, bx0, by0, interpolation)
+        out = _interpolate(box, xy, bx0, by0, interpolation).astype(np.float32, copy=False)
+    else:
+        out = np.full((n_channels, (y1 - y0) * (x1 - x0)), np.nan, dtype=np.float32)
+        if inside.any():
+            box, bx0, by0 = _read_box(data, xy, READ_MARGIN_PX)
+            out[:, inside] = _interpolate(box, xy, bx0, by0, interpolation)
     return out.reshape(n_channels, y1 - y0, x1 - x0)
 
 
@@ -453,23 +458,6 @@ def _median_of_run(sorted_values, lo, n) -> np.ndarray:
     a = np.take_along_axis(sorted_values, i1[None], axis=0)[0].astype(np.float64)
     b = np.take_along_axis(sorted_values, i2[None], axis=0)[0].astype(np.float64)
     return np.where(n > 0, 0.5 * (a + b), np.nan)
-
-
-def _clip_runs(sorted_values, n_valid, cfg: StackConfig):
-    """Kept rank run [lo, hi) (P,) int32 of each pixel after sigma or winsorized clipping.
-
-    sorted_values: float32 (N, P), columns sorted, NaN last; n_valid: (P,) finite counts.
-    The per-pixel iteration runs compiled (clipping.clip_runs).
-    """
-    return clip_runs(
-        np.ascontiguousarray(sorted_values, dtype=np.float32),
-        np.asarray(n_valid, dtype=np.int32),
-        cfg.method == "winsorized",
-        float(cfg.sigma_low),
-        float(cfg.sigma_high),
-        int(cfg.iterations),
-        int(cfg.min_frames_for_clipping),
-    )
 
 
 def _mean_of_kept(values, kept, weights) -> tuple[np.ndarray, np.ndarray]:
@@ -513,6 +501,13 @@ def combine_with_rejection(values, cfg: StackConfig, weights=None, pixel_weights
     if pixel_weights is not None:
         pixel_weights = np.broadcast_to(np.asarray(pixel_weights, np.float32), values.shape)
         weights = weights[:, None] * pixel_weights.reshape(n_frames, -1)
+    if cfg.method in CLIPPING_METHODS:
+        per_value = weights if weights.ndim == 2 else np.broadcast_to(weights[:, None], flat.shape)
+        combined, n_used, rejected = clipped_mean(
+            flat, np.sort(flat, axis=0), per_value, cfg.method == "winsorized",
+            float(cfg.sigma_low), float(cfg.sigma_high), int(cfg.iterations),
+            int(cfg.min_frames_for_clipping))
+        return combined.reshape(pixel_shape), n_used.reshape(pixel_shape), rejected.reshape(values.shape)
     finite = np.isfinite(flat)
     no_rejection = np.zeros_like(finite)
     if cfg.method == "max":
@@ -523,11 +518,6 @@ def combine_with_rejection(values, cfg: StackConfig, weights=None, pixel_weights
         n_used = finite.sum(axis=0, dtype=np.int32)
         combined = _median_of_run(sorted_values, np.zeros_like(n_used), n_used).astype(np.float32)
         rejected = no_rejection
-    elif cfg.method in CLIPPING_METHODS:
-        kept = _clipped_kept_mask(flat, finite, cfg)
-        combined, n_used = _mean_of_kept(flat, kept, weights)
-        rejected = ~kept
-        rejected &= finite
     elif cfg.method == "mean":
         combined, n_used = _mean_of_kept(flat, finite, weights)
         rejected = no_rejection
@@ -538,23 +528,6 @@ def combine_with_rejection(values, cfg: StackConfig, weights=None, pixel_weights
         n_used.reshape(pixel_shape),
         rejected.reshape(values.shape),
     )
-
-
-def _clipped_kept_mask(flat, finite, cfg: StackConfig) -> np.ndarray:
-    """Boolean (N, P) of the values kept by sigma / winsorized clipping."""
-    sorted_values = np.sort(flat, axis=0)  # NaN sort last
-    lo, hi = _clip_runs(sorted_values, finite.sum(axis=0, dtype=np.int32), cfg)
-    # The kept run of the sorted stack is exactly the values between its two end values
-    # (rejection thresholds are strict, so no value equal to an end was rejected).
-    last = flat.shape[0] - 1
-    low_end = np.take_along_axis(sorted_values, np.clip(lo, 0, last)[None], axis=0)[0]
-    high_end = np.take_along_axis(sorted_values, np.clip(hi - 1, 0, last)[None], axis=0)[0]
-    del sorted_values
-    kept = flat >= low_end  # in-place updates: one boolean temporary at a time
-    kept &= flat <= high_end
-    kept &= finite
-    kept[:, hi <= lo] = False
-    return kept
 
 
 def combine(values, cfg: StackConfig, weights=None):

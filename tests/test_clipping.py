@@ -15,7 +15,7 @@ from nightstack.clipping import (
     WINSOR_MAX_ITERATIONS,
     WINSOR_TOLERANCE,
 )
-from nightstack.stacking import StackConfig, _clip_runs, combine_with_rejection
+from nightstack.stacking import StackConfig, _mean_of_kept, combine_with_rejection
 
 
 def _deviations_in_run(sorted_values, lo, hi, centre) -> np.ndarray:
@@ -120,6 +120,31 @@ def vectorised_clip_runs(sorted_values, n_valid, cfg: StackConfig):
     return lo, hi
 
 
+def vectorised_kept_mask(flat, finite, cfg: StackConfig) -> np.ndarray:
+    """Boolean (N, P) of the values kept by sigma / winsorized clipping."""
+    sorted_values = np.sort(flat, axis=0)  # NaN sort last
+    lo, hi = vectorised_clip_runs(sorted_values, finite.sum(axis=0, dtype=np.int32), cfg)
+    # The kept run of the sorted stack is exactly the values between its two end values
+    # (rejection thresholds are strict, so no value equal to an end was rejected).
+    last = flat.shape[0] - 1
+    low_end = np.take_along_axis(sorted_values, np.clip(lo, 0, last)[None], axis=0)[0]
+    high_end = np.take_along_axis(sorted_values, np.clip(hi - 1, 0, last)[None], axis=0)[0]
+    del sorted_values
+    kept = flat >= low_end  # in-place updates: one boolean temporary at a time
+    kept &= flat <= high_end
+    kept &= finite
+    kept[:, hi <= lo] = False
+    return kept
+
+
+def vectorised_combine(values, cfg: StackConfig, weights):
+    """The stack's clipped mean before the kernel: (combined, n_used, rejected)."""
+    finite = np.isfinite(values)
+    kept = vectorised_kept_mask(values, finite, cfg)
+    combined, n_used = _mean_of_kept(values, kept, weights)
+    return combined, n_used, finite & ~kept
+
+
 def random_stack(n_frames, n_pixels, seed):
     """Sky-like values with hot outliers, satellite-like streaks, missing values and ties."""
     rng = np.random.default_rng(seed)
@@ -134,19 +159,25 @@ def random_stack(n_frames, n_pixels, seed):
 
 @pytest.mark.parametrize("method", ["sigma", "winsorized"])
 @pytest.mark.parametrize("n_frames", [3, 4, 7, 16, 61])
-def test_kernel_keeps_the_same_runs_as_the_vectorised_clipping(method, n_frames):
+def test_kernel_combines_exactly_as_the_vectorised_clipping(method, n_frames):
     values = random_stack(n_frames, 20_000, seed=n_frames)
-    sorted_values = np.sort(values, axis=0)
-    n_valid = np.isfinite(values).sum(axis=0, dtype=np.int32)
+    rng = np.random.default_rng(n_frames)
+    frame_weights = rng.uniform(0.2, 2.0, n_frames)
+    pixel_weights = frame_weights[:, None] * rng.uniform(0.0, 1.0, values.shape).astype(np.float32)
     loose = StackConfig(method=method, sigma_low=1.0, sigma_high=0.8, iterations=10, min_frames_for_clipping=3)
     for cfg in (StackConfig(method=method), loose):
-        lo, hi = _clip_runs(sorted_values, n_valid, cfg)
-        want_lo, want_hi = vectorised_clip_runs(sorted_values, n_valid, cfg)
-        assert np.array_equal(lo, want_lo) and np.array_equal(hi, want_hi)
-    clipped = (lo > 0) | (hi < n_valid)
-    assert clipped.mean() > 0.5  # the comparison covers real rejections
+        for weights in (frame_weights, pixel_weights):
+            got = combine_with_rejection(values, cfg, frame_weights,
+                                         None if weights is frame_weights else pixel_weights / frame_weights[:, None])
+            want = vectorised_combine(values, cfg, weights)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+    n_valid = np.isfinite(values).sum(axis=0)
+    clipped = got[2].sum(axis=0)
+    assert np.mean(clipped > 0) > 0.5  # the comparison covers real rejections
     constant = slice(values.shape[1] // 20, values.shape[1] // 10)
     assert not clipped[constant].any()  # sigma 0 rejects nothing
+    assert np.all(got[1] == n_valid - clipped)
 
 
 def test_kernel_rejects_the_outlier_siril_would():

@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
+import yaml
 from astropy.io import fits
 from PIL import Image
 
 from nightstack.camera import apply_homography
 from nightstack.io import read_fits_image, read_json
 
-from workflow_helpers import night_fwhm_figures, planned_jobs, snakemake, write_config
+from workflow_helpers import REPO, night_fwhm_figures, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -127,6 +128,18 @@ def test_changing_star_detection_reruns_from_stars(demo_run):
     assert "calibrate" not in jobs and "master" not in jobs and "demo_night" not in jobs, jobs
     assert jobs.get("stars") == 16 and {"pose", "solve", "stack", "outputs"} <= set(jobs), jobs
     write_config(demo_run)
+
+
+def test_local_runs_use_the_greedy_scheduler(tmp_path):
+    # Snakemake's default ILP scheduler solved an integer program at every job end: on a
+    # 500-frame night that was minutes of CPU. The workflow profile next to the Snakefile
+    # turns it off for every local run, and the cluster profile does the same.
+    write_config(tmp_path, demo={"n_lights": 4, "width_px": 200, "height_px": 150})
+    proc = snakemake(tmp_path, "-n")
+    assert "profiles/default for setting default command line arguments" in proc.stdout + proc.stderr
+    for profile in ("default", "slurm"):
+        settings = yaml.safe_load((REPO / "profiles" / profile / "config.yaml").read_text())
+        assert settings["scheduler"] == "greedy", profile
 
 
 def test_landscape_demo_night_is_generated_with_its_truth_mask(tmp_path):
