@@ -463,55 +463,12 @@ def _gaussian_model(p, dx_grid, dy_grid, jac_out=None):
     return model, q
 
 
-def _params_valid(p, r):
-    amp, x0, y0, a, b, c = p.T
-    return (
-        np.all(np.isfinite(p), axis=1)
-        & (amp > 0)
-        & (a > 0)
-        & (c > 0)
-        & (a * c - b * b > 0)
-        & (np.abs(x0) <= r)
-        & (np.abs(y0) <= r)
-    )
-
-
-def _levenberg_marquardt(p, target, weight, dx_grid, dy_grid, r, iterations):
-    """Batched LM on weighted squared residuals; returns new params and a 'valid' flag.
-
-    Each star has its own damping; a step is only taken when it lowers that star's
-    weighted chi^2 and keeps the Gaussian well-formed (positive-definite, A > 0).
-    """
-    n, m = target.shape
-    lam = np.full(n, 1e-2)
-    root_w = np.sqrt(weight)
-    model, _ = _gaussian_model(p, dx_grid, dy_grid)
-    chi2 = np.sum(weight * (target - model) ** 2, axis=1)
-    eye = np.eye(N_PARAMS)
-    jac = np.empty((n, N_PARAMS, m))
-    for _ in range(iterations):
-        model, _ = _gaussian_model(p, dx_grid, dy_grid, jac_out=jac)
-        jac *= root_w[:, None, :]
-        hess = jac @ jac.transpose(0, 2, 1)
-        grad = jac @ ((target - model) * root_w)[:, :, None]
-        # Scale to a unit diagonal so A (thousands of ADU) and a, b, c (~1/px^2) share one damping.
-        d = np.sqrt(np.diagonal(hess, axis1=1, axis2=2))
-        d = np.where(d > 0, d, 1.0)
-        hs = hess / (d[:, :, None] * d[:, None, :]) + lam[:, None, None] * eye
-        step = np.linalg.solve(hs, grad / d[:, :, None])[:, :, 0] / d
-        step[:, 1:3] = np.clip(step[:, 1:3], -1.0, 1.0)  # at most 1 px per iteration
-        trial = p + step
-        trial_model, _ = _gaussian_model(trial, dx_grid, dy_grid)
-        trial_chi2 = np.sum(weight * (target - trial_model) ** 2, axis=1)
-        better = _params_valid(trial, r) & (trial_chi2 < chi2)
-        p = np.where(better[:, None], trial, p)
-        chi2 = np.where(better, trial_chi2, chi2)
-        lam = np.clip(np.where(better, lam / 3.0, lam * 4.0), 1e-7, 1e7)
-    return p, _params_valid(p, r)
-
-
 def _fit_batch(img, x0, y0, r, sigma0, cfg, saturation_adu, noise_floor):
     """Fit stars whose stamps share half-size r; returns the fit_stars dict for them."""
+    from .psf_fit import (
+        levenberg_marquardt,  # compiled: only the jobs fitting stars load numba
+    )
+
     xc = np.rint(x0).astype(int)
     yc = np.rint(y0).astype(int)
     data, inside = _cut_stamps(img, xc, yc, r)
@@ -536,8 +493,8 @@ def _fit_batch(img, x0, y0, r, sigma0, cfg, saturation_adu, noise_floor):
     k = cfg.background_sigma
     # Pass 1, the seed's rule on pixel values (plus the core, so faint stars keep pixels).
     weight = usable & ((target > k * noise[:, None]) | (r2_grid[None, :] <= 2.0))
-    p, valid = _levenberg_marquardt(p, target, weight.astype(float), dx_grid, dy_grid, r,
-                                    cfg.fit_iterations)
+    p, valid = levenberg_marquardt(p, target, weight.astype(float), dx_grid, dy_grid, r,
+                                   cfg.fit_iterations)
     # Passes 2-3: the same rule applied to the fitted star (no noise-selection bias).
     for _ in range(2):
         model, q = _gaussian_model(p, dx_grid, dy_grid)
@@ -548,8 +505,8 @@ def _fit_batch(img, x0, y0, r, sigma0, cfg, saturation_adu, noise_floor):
         # Pixels the fitted star cannot explain (a hot pixel or cosmic ray on the star) drop out.
         outlier = np.abs(target - model) > 5.0 * noise[:, None] + 0.25 * model
         weight = usable & ((q <= q_cut[:, None]) | near_centre) & ~outlier
-        p, valid = _levenberg_marquardt(p, target, weight.astype(float), dx_grid, dy_grid, r,
-                                        cfg.fit_iterations)
+        p, valid = levenberg_marquardt(p, target, weight.astype(float), dx_grid, dy_grid, r,
+                                       cfg.fit_iterations)
     n_used = weight.sum(axis=1)
     return _derived_quantities(p, valid & (n_used > N_PARAMS), xc, yc, bg, noise, data,
                                dx_grid, dy_grid)
