@@ -1,61 +1,13 @@
-"""The compiled star fit against the batched numpy Levenberg-Marquardt it replaced.
+"""The compiled star fit (large frames) against the batched numpy one (small frames).
 
-The numpy version (nightstack.stars until the kernel took over) is kept here as the oracle:
-on stamps of real-looking stars, with hot pixels and pixels left out, both must reach the
+On stamps of real-looking stars, with hot pixels and pixels left out, both must reach the
 same parameters; they differ only by round-off in sums, never by a different fit.
 """
 
 import numpy as np
 
 from nightstack.psf_fit import levenberg_marquardt
-from nightstack.stars import N_PARAMS, _gaussian_model
-
-
-def _params_valid(p, r):
-    amp, x0, y0, a, b, c = p.T
-    return (
-        np.all(np.isfinite(p), axis=1)
-        & (amp > 0)
-        & (a > 0)
-        & (c > 0)
-        & (a * c - b * b > 0)
-        & (np.abs(x0) <= r)
-        & (np.abs(y0) <= r)
-    )
-
-
-def _levenberg_marquardt(p, target, weight, dx_grid, dy_grid, r, iterations):
-    """Batched LM on weighted squared residuals; returns new params and a 'valid' flag.
-
-    Each star has its own damping; a step is only taken when it lowers that star's
-    weighted chi^2 and keeps the Gaussian well-formed (positive-definite, A > 0).
-    """
-    n, m = target.shape
-    lam = np.full(n, 1e-2)
-    root_w = np.sqrt(weight)
-    model, _ = _gaussian_model(p, dx_grid, dy_grid)
-    chi2 = np.sum(weight * (target - model) ** 2, axis=1)
-    eye = np.eye(N_PARAMS)
-    jac = np.empty((n, N_PARAMS, m))
-    for _ in range(iterations):
-        model, _ = _gaussian_model(p, dx_grid, dy_grid, jac_out=jac)
-        jac *= root_w[:, None, :]
-        hess = jac @ jac.transpose(0, 2, 1)
-        grad = jac @ ((target - model) * root_w)[:, :, None]
-        # Scale to a unit diagonal so A (thousands of ADU) and a, b, c (~1/px^2) share one damping.
-        d = np.sqrt(np.diagonal(hess, axis1=1, axis2=2))
-        d = np.where(d > 0, d, 1.0)
-        hs = hess / (d[:, :, None] * d[:, None, :]) + lam[:, None, None] * eye
-        step = np.linalg.solve(hs, grad / d[:, :, None])[:, :, 0] / d
-        step[:, 1:3] = np.clip(step[:, 1:3], -1.0, 1.0)  # at most 1 px per iteration
-        trial = p + step
-        trial_model, _ = _gaussian_model(trial, dx_grid, dy_grid)
-        trial_chi2 = np.sum(weight * (target - trial_model) ** 2, axis=1)
-        better = _params_valid(trial, r) & (trial_chi2 < chi2)
-        p = np.where(better[:, None], trial, p)
-        chi2 = np.where(better, trial_chi2, chi2)
-        lam = np.clip(np.where(better, lam / 3.0, lam * 4.0), 1e-7, 1e7)
-    return p, _params_valid(p, r)
+from nightstack.stars import _gaussian_model, _levenberg_marquardt
 
 
 def stamps(n_stars, r, seed):
