@@ -300,8 +300,7 @@ def write_catalog(path, table) -> None:
 
 def read_catalog(path):
     """A star catalog (astropy Table with meta) from ECSV."""
-    from astropy.table import (
-        Table,  # a third of a second: only the jobs reading catalogs
-    )
+    # imported here: astropy.table takes a third of a second, and only some jobs read catalogs
+    from astropy.table import Table
 
     return Table.read(path, format="ascii.ecsv")

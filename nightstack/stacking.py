@@ -61,7 +61,7 @@ READ_MARGIN_PX = 8  # spline prefilter edge effects decay as 0.27^n: 8 px -> ~3e
 COVERAGE_TOLERANCE_PX = 1e-3  # round-off of an exact mapping must not lose the last column
 MIN_TILE_PX = 32
 # Memory model of one tile, fitted with tracemalloc (benchmarks/bench_stack_memory.py):
-WORK_ARRAYS = 3  # sorted copy + deviations + boolean masks while combining, in buffers
+WORK_ARRAYS = 3  # sorted copy, rejection mask, pixel weights (landscape) while combining
 BYTES_PER_PIXEL_VALUE = 48  # per pixel and channel: counts, ranks, centre, sigma, sums
 WARP_BYTES_PER_PX = 512  # coordinates (float64), read box, Lanczos accumulators per tile px
 LANCZOS_A = 3
