@@ -275,8 +275,10 @@ class OpenFrames:
             del data
             hdul.close()
 
-    def __len__(self) -> int:
-        """Number of files held open."""
+    @property
+    def n_open(self) -> int:
+        """Number of files held open. (No ``__len__``: an instance must stay truthy when
+        empty, callers test ``frames is None``.)"""
         return len(self._held)
 
     def close(self) -> None:

@@ -14,6 +14,9 @@ from numba import njit
 
 from .stars import N_PARAMS
 
+# The same settings as stars._levenberg_marquardt (tests/test_psf_fit.py holds the two fits
+# together). They are not imported from there: numba bakes globals into its cache, which is
+# only invalidated when this file changes.
 Q_CLIP = (-50.0, 700.0)  # trial steps may be non-definite: exp(-q/2) stays finite
 LAMBDA_START, LAMBDA_MIN, LAMBDA_MAX = 1e-2, 1e-7, 1e7
 

@@ -410,14 +410,15 @@ def warp_tile(data_memmap, warp: FrameWarp, y0: int, y1: int, x0: int, x1: int,
     data = data_memmap if data_memmap.ndim == 3 else data_memmap[None]
     n_channels, height, width = data.shape
     xy, inside = _frame_coordinates(tile_pixel_grid(y0, y1, x0, x1), warp, width, height)
-    if inside.all():
+    if inside.any():
         box, bx0, by0 = _read_box(data, xy, READ_MARGIN_PX)
-        out = _interpolate(box, xy, bx0, by0, interpolation).astype(np.float32, copy=False)
+        values = _interpolate(box, xy, bx0, by0, interpolation)
+    if inside.all():  # most tiles: the values are the tile, no NaN fill and scatter
+        out = values.astype(np.float32, copy=False)
     else:
         out = np.full((n_channels, (y1 - y0) * (x1 - x0)), np.nan, dtype=np.float32)
         if inside.any():
-            box, bx0, by0 = _read_box(data, xy, READ_MARGIN_PX)
-            out[:, inside] = _interpolate(box, xy, bx0, by0, interpolation)
+            out[:, inside] = values
     return out.reshape(n_channels, y1 - y0, x1 - x0)
 
 

@@ -421,7 +421,6 @@ def fit_stars(
     return out
 
 
-
 def _cut_stamps(img, xc, yc, r):
     """Stamps (N, s, s) float64 around integer centres; pixels off the frame are flagged."""
     h, w = img.shape
@@ -666,9 +665,8 @@ def detect_stars(image, cfg: StarConfig = StarConfig(), mask=None) -> Table:
     fits = fit_stars(img, x0, y0, cfg, scale_px=scale, saturation_adu=saturation,
                      noise_floor_adu=floor, noise_correlation=correlation)
     keep = prune_fits(fits, x0, y0, cfg, width, height)
-    from astropy.table import (
-        Table,  # here, not at the top: calibrate jobs need luminance only
-    )
+    # imported here, not at the top: calibrate jobs import this module for luminance only
+    from astropy.table import Table
 
     table = Table({name: np.asarray(fits[name][keep], dtype=np.float64) for name in STAR_COLUMNS})
     table.meta.update(

@@ -374,8 +374,8 @@ def test_open_frames_beyond_the_limit_are_reopened(small_night):
             for warp in warps:
                 with frames.reading(warp.path) as data:
                     assert data.shape[-2:] == (warp.frame_camera.height_px, warp.frame_camera.width_px)
-        assert len(frames) == 2
-    assert len(frames) == 0
+        assert frames.n_open == 2
+    assert frames.n_open == 0
 
 
 def test_cubic_tiled_stack_matches_untiled_closely(small_night):
