@@ -305,6 +305,7 @@ def _point_source_mask(img, grid: _PatchGrid, cfg: BackgroundConfig) -> np.ndarr
     """Per-patch sigma clipping of pixels above the patch plane, then dilation: (H, W) bool."""
     blocks = grid.blocks(img, np.nan)
     valid = np.isfinite(blocks)
+    all_valid = bool(valid.all())  # padding aside, calibrated frames rarely have a NaN
     use = valid
     star = np.zeros_like(valid)
     for _ in range(cfg.mask_iterations):
@@ -312,26 +313,65 @@ def _point_source_mask(img, grid: _PatchGrid, cfg: BackgroundConfig) -> np.ndarr
         coef, _ = _fit_planes(blocks, use, min_fraction=0.0)
         resid = _plane_blocks(coef, grid.py, grid.px)
         np.subtract(blocks, resid, out=resid)  # in place: a 24 MP frame is 96 MB a copy
-        resid[~valid] = 0.0
+        if not all_valid:
+            resid[~valid] = 0.0
         n = np.maximum(use.sum(axis=(2, 3)), 1)
         squares = np.where(use, resid, np.float32(0.0))
         np.square(squares, out=squares)
         std = np.sqrt(squares.sum(axis=(2, 3), dtype=np.float64) / n)
         del squares
         star = resid > cfg.star_sigma * std[..., None, None]
-        star &= valid
+        if not all_valid:
+            star &= valid
         del resid
-        use = valid & ~star
+        use = ~star if all_valid else valid & ~star
     mask = grid.unblock(star)
     if cfg.dilate_px > 0:
         # At 2 sigma about 2 % of pure sky pixels are flagged; growing each of them would mask
         # half the sky. Only connected groups (real stars have FWHM >= 2 px) get halos grown.
-        neighbours = ndimage.convolve(
-            mask.astype(np.uint8), np.ones((3, 3), np.uint8), mode="constant"
-        )
-        grouped = mask & (neighbours >= 2)
-        mask |= ndimage.binary_dilation(grouped, structure=_disk(cfg.dilate_px))
+        grouped = mask & _any_neighbour(mask)
+        mask |= dilate_disk(grouped, cfg.dilate_px)
     return mask
+
+
+def _shifted_or(out: np.ndarray, mask: np.ndarray, dy: int, dx: int) -> None:
+    """out[y, x] |= mask[y + dy, x + dx] where that pixel exists (in place)."""
+    height, width = mask.shape
+    if abs(dy) >= height or abs(dx) >= width:
+        return  # no pixel has that neighbour
+    out[max(0, -dy): height - max(0, dy), max(0, -dx): width - max(0, dx)] |= mask[
+        max(0, dy): height - max(0, -dy), max(0, dx): width - max(0, -dx)]
+
+
+def _any_neighbour(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool: True where at least one of the 8 neighbours is True (outside is False).
+
+    Eight shifted ORs of bools: 8x faster than counting with a 3x3 convolution."""
+    rows = np.zeros_like(mask)  # left or right neighbour
+    _shifted_or(rows, mask, 0, -1)
+    _shifted_or(rows, mask, 0, 1)
+    three = rows | mask  # the 3-wide run centred on each pixel
+    _shifted_or(rows, three, -1, 0)
+    _shifted_or(rows, three, 1, 0)
+    return rows
+
+
+def dilate_disk(mask: np.ndarray, radius_px: int) -> np.ndarray:
+    """Binary dilation of an (H, W) bool mask by the disk ``_disk(radius_px)``, outside False.
+
+    The disk is one horizontal run per row offset; each run is a 1D maximum filter, shifted
+    and ORed in: the same result as ndimage.binary_dilation, 3x faster for small radii."""
+    disk = _disk(radius_px)
+    runs = {}
+    out = np.zeros_like(mask)
+    as_bytes = mask.view(np.uint8)
+    for dy in range(-radius_px, radius_px + 1):
+        half = int(np.count_nonzero(disk[dy + radius_px])) // 2
+        if half not in runs:
+            runs[half] = ndimage.maximum_filter1d(as_bytes, 2 * half + 1, axis=1,
+                                                  mode="constant").view(bool)
+        _shifted_or(out, runs[half], dy, 0)
+    return out
 
 
 def _smooth_px(grid: _PatchGrid, cfg: BackgroundConfig) -> int:

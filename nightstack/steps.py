@@ -25,6 +25,7 @@ from .calibration import (
     demosaic_frame,
     make_master,
     master_from_fits,
+    with_pixel_masks,
     write_master,
 )
 from .camera import Camera, default_focal_px
@@ -96,7 +97,8 @@ def master_step(kind: str, paths, output, params: dict, bias=None, dark=None) ->
         frames = _majority_geometry(frames, kind)
         bias_m = master_from_fits(bias) if bias else None
         dark_m = master_from_fits(dark) if dark else None
-        master = make_master(frames, kind, bias=bias_m, dark=dark_m)
+        master = with_pixel_masks(make_master(frames, kind, bias=bias_m, dark=dark_m), bias_m,
+                                  params)
     write_master(output, master)
     log.info("master %s from %d frames written to %s", kind, master.n_frames, output)
 
@@ -280,7 +282,9 @@ def stars_step(calibrated, output, star_params: dict, sky_mask=None) -> None:
     sky_mask: optional path of the night's sky_mask.fits; stars are sought in the sky only
     (nightstack.landscape.star_search_mask) and the sky level and noise come from the sky.
     """
-    data, header = read_fits_image(calibrated, memmap=False)
+    data, header = read_fits_image(calibrated)
+    if data is not None:  # big-endian float32 mapped from disk: native in one pass (not two)
+        data = np.asarray(data, dtype=np.float32)
     source = _source(header, Path(calibrated).name)
     if header.get("NSSTATUS") != "ok" or data is None:
         from astropy.table import Table

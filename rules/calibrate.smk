@@ -18,7 +18,7 @@ rule calibrate:
         light=light_file,
         calibration=config["calibration"],
         background=config["background"],
-        frame_format=config["output"].get("calibrated_frames", "compressed"),
+        frame_format=calibrated_frame_format,
         landscape=landscape_params(),
     script:
         "../scripts/calibrate.py"

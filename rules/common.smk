@@ -7,6 +7,7 @@ from snakemake.logging import logger
 
 from nightstack import config as ns_config
 from nightstack import demo as ns_demo
+from nightstack import io as ns_io
 from nightstack import landscape as ns_landscape
 from nightstack import loading as ns_loading
 from nightstack.errors import NightstackError
@@ -255,6 +256,17 @@ stars_mem_mb = frame_sized_mem_mb(STARS_MB)
 master_mem_mb = frame_sized_mem_mb(MASTER_MB)
 sky_mask_mem_mb = frame_sized_mem_mb(SKY_MASK_MB)
 outputs_mem_mb = frame_sized_mem_mb(OUTPUTS_MB)
+
+
+def calibrated_frame_format(wildcards):
+    """float32 or compressed for a night's calibrated frames (config output, "auto" by size)."""
+    output = config["output"]
+    return ns_io.calibrated_format(
+        output.get("calibrated_frames", "auto"),
+        len(FRAMES[wildcards.night]),
+        night_megapixels(wildcards.night),
+        float(output.get("calibrated_float32_max_gb", 20)),
+    )
 
 
 def stack_mem_mb(wildcards, attempt):

@@ -7,7 +7,10 @@ from scipy import ndimage
 
 from nightstack.background import (
     BackgroundConfig,
+    _any_neighbour,
+    _disk,
     background_config_from_dict,
+    dilate_disk,
     fit_background,
     large_scale_residual,
     remove_background,
@@ -280,3 +283,16 @@ def test_m27_star_and_nebula_fluxes_kept(m27_frames):
     neb_after = aperture_flux(lum_corrected, nx, ny, r_ap=45, r_in=80, r_out=100)[0]
     assert neb_before > 0
     assert abs(neb_after / neb_before - 1) < 0.15
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 4), (37, 52)])
+def test_star_mask_grouping_and_dilation_equal_ndimage(shape):
+    rng = np.random.default_rng(shape[1])
+    mask = rng.random(shape) < 0.2
+    mask[0, :] = mask[:, -1] = True  # runs along the borders
+    counted = ndimage.convolve(mask.astype(np.uint8), np.ones((3, 3), np.uint8), mode="constant")
+    np.testing.assert_array_equal(mask & _any_neighbour(mask), mask & (counted >= 2))
+    for radius_px in (1, 2, 3, 6):
+        np.testing.assert_array_equal(
+            dilate_disk(mask, radius_px), ndimage.binary_dilation(mask, structure=_disk(radius_px))
+        )

@@ -20,6 +20,7 @@ from nightstack.calibration import (
     master_to_fits_header,
     repair_pixels,
     robust_combine,
+    with_pixel_masks,
     write_master,
 )
 from nightstack.errors import FrameError, NightstackError
@@ -429,6 +430,47 @@ def test_calibrate_end_to_end_recovers_truth(pattern):
     assert np.abs(result.data[:, hot_y, hot_x] - expected[:, hot_y, hot_x]).max() < 5
     uncalibrated = calibrate(light, None, None, None, {"repair_outliers": False})
     assert np.abs(uncalibrated.data[:, hot_y, hot_x] - expected[:, hot_y, hot_x]).min() > 100
+
+
+def test_masters_store_their_bad_pixel_masks_for_the_lights(tmp_path, monkeypatch):
+    pattern = "RGGB"
+    truth_rgb, sensor, rng = synthetic_night(pattern)
+    shape = truth_rgb.shape[1:]
+    zero = np.zeros(shape, np.float32)
+    bias = make_master([frame_of(expose(zero, sensor, 0.0, rng), pattern, 0.0) for _ in range(8)],
+                       "bias")
+    dark = make_master([frame_of(expose(zero, sensor, 60.0, rng), pattern, 60.0)
+                        for _ in range(8)], "dark")
+    flat_signal = np.full(shape, 20000, np.float32)
+    flat = make_master([frame_of(expose(flat_signal, sensor, 1.0, rng), pattern, 1.0)
+                        for _ in range(8)], "flat", bias=bias)
+    flat.data[10, 11] = 0.2  # a dead pixel
+    settings = {"hot_sigma": 8.0, "cold_threshold": 0.5}
+    for master, name in ((bias, "bias"), (dark, "dark"), (flat, "flat")):
+        write_master(tmp_path / f"{name}.fits", with_pixel_masks(master, bias, settings))
+    loaded = {name: master_from_fits(tmp_path / f"{name}.fits") for name in ("bias", "dark", "flat")}
+    hot = loaded["dark"].pixel_masks[cal.hot_mask_key(8.0, True)]
+    np.testing.assert_array_equal(hot, find_hot_pixels(dark.data - bias.data, pattern, 8.0))
+    assert hot[sensor["hot"]].all()
+    cold = loaded["flat"].pixel_masks[cal.cold_mask_key(0.5)]
+    assert cold[10, 11] and np.array_equal(cold, find_cold_pixels(flat.data, pattern, 0.5))
+    assert not loaded["bias"].pixel_masks
+
+    light = frame_of(expose(mosaic_of(truth_rgb, pattern), sensor, 60.0, rng), pattern, 60.0)
+    fresh = [Master(m.kind, m.data, m.cfa_pattern, m.exptime_s, m.n_frames, m.temperature_c,
+                    m.bad_pixels) for m in (bias, dark, flat)]
+    expected = calibrate(light, *fresh, settings)
+    with monkeypatch.context() as patched:  # the stored masks are used, not found again
+        patched.setattr(cal, "find_hot_pixels", None)
+        patched.setattr(cal, "find_cold_pixels", None)
+        stored = calibrate(light, loaded["bias"], loaded["dark"], loaded["flat"], settings)
+    np.testing.assert_allclose(stored.data, expected.data, rtol=1e-6, atol=1e-3)
+    assert stored.notes == expected.notes
+    # other settings than the stored masks were found with: found again, as without them
+    other = {"hot_sigma": 5.0, "cold_threshold": 0.8}
+    np.testing.assert_allclose(
+        calibrate(light, loaded["bias"], loaded["dark"], loaded["flat"], other).data,
+        calibrate(light, *fresh, other).data, rtol=1e-6, atol=1e-3)
 
 
 def test_calibrate_without_bias_subtracts_dark_unscaled():

@@ -10,6 +10,7 @@ from nightstack.camera import Camera, rotation_matrix
 from nightstack.errors import NightstackError
 from nightstack.io import (
     COMPRESSED_HDU,
+    calibrated_format,
     dither_seed,
     open_fits_data,
     read_catalog,
@@ -187,3 +188,25 @@ def test_trail_frames_read_compressed(tmp_path):
 def test_calibrate_step_rejects_an_unknown_format(tmp_path):
     with pytest.raises(NightstackError, match="calibrated_frames"):
         calibrate_step(tmp_path / "light.fits", tmp_path / "out.fits", {}, {}, {}, frame_format="float16")
+
+
+@pytest.mark.parametrize(
+    "setting, n_frames, megapixels, expected",
+    [
+        ("auto", 16, 24.0, "float32"),  # 4.6 GB
+        ("auto", 500, 24.0, "compressed"),  # 144 GB
+        ("auto", 500, 1.7, "float32"),  # 10 GB
+        ("auto", 70, 24.0, "compressed"),  # 20.2 GB: just over
+        ("auto", 69, 24.0, "float32"),  # 19.9 GB
+        ("compressed", 2, 1.0, "compressed"),
+        ("float32", 5000, 24.0, "float32"),
+    ],
+)
+def test_calibrated_format_auto_keeps_float32_under_the_disk_limit(setting, n_frames, megapixels,
+                                                                   expected):
+    assert calibrated_format(setting, n_frames, megapixels, float32_max_gb=20) == expected
+
+
+def test_calibrated_format_rejects_an_unknown_setting():
+    with pytest.raises(NightstackError, match="auto, compressed, float32"):
+        calibrated_format("zip", 10, 1.0, 20)

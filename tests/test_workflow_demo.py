@@ -43,6 +43,9 @@ def test_outputs_exist_and_are_well_formed(demo_run):
     assert png.size == (1600, 1066)
     for kind in ("bias", "dark", "flat"):
         assert (night / "masters" / f"{kind}.fits").is_file()
+    # calibrated_frames: auto; 16 x 1.7 MP is far under the float32 limit
+    with fits.open(night / "calibrated" / f"{sol['reference']}.fits") as hdul:
+        assert hdul[0].data.shape == (3, 1066, 1600) and hdul[0].data.dtype.itemsize == 4
 
 
 def test_every_homography_matches_truth(demo_run):
