@@ -47,9 +47,18 @@ def _winsorized_sigma(dev, n, sigma):
     until it changes by less than WINSOR_TOLERANCE (relative). ``dev`` is overwritten."""
     for _ in range(WINSOR_MAX_ITERATIONS):
         half_width = np.float32(WINSOR_CLIP_SIGMA * sigma)
+        # clamped and summed in one pass, in the same order as clamping all, then _std
+        s1 = 0.0
+        s2 = 0.0
         for k in range(n):
-            dev[k] = min(max(dev[k], -half_width), half_width)
-        new_sigma = WINSOR_FACTOR * _std(dev, n)
+            d = min(max(dev[k], -half_width), half_width)
+            dev[k] = d
+            d64 = np.float64(d)
+            s1 += d64
+            s2 += d64 * d64
+        new_sigma = 0.0
+        if n > 1:
+            new_sigma = WINSOR_FACTOR * np.sqrt(max((s2 - s1 * s1 / n) / (n - 1), 0.0))
         moving = abs(new_sigma - sigma) > WINSOR_TOLERANCE * sigma
         sigma = new_sigma
         if not moving:

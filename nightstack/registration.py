@@ -122,6 +122,8 @@ def _fit_pose(ref_xy, frame_xy, sigma, ref_camera, rotvec0, zoom0, fit_zoom, fra
     return sol.x[:3], zoom
 
 
+BUNDLE_TOLERANCE = 1e-7  # least_squares ftol and xtol of the night's bundle adjustment
+
 # A match that moves no corner of the frame by this much (px) may be a pattern fixed on the
 # sensor (hot pixels, JPEG-baked defects); when another, moving, match exists, that is the sky.
 STATIC_PAIR_PX = 0.5
@@ -429,9 +431,11 @@ def bundle_adjust(tracks: Tracks, poses: list[Pose], ref_camera: Camera, focal_g
         sparsity[2 * rows + 1, cols] = 1
     for j in range(n_glob):
         sparsity[2 * n_obs + j, j] = 1
+    # ftol/xtol 1e-7 instead of scipy's 1e-8: on 16 x 24 MP (4000 tracks) the last decade
+    # took 70 % of the Jacobians (21 s -> 7 s) and moved the homographies by 3e-5 px
     sol = least_squares(
         residuals, x0, jac_sparsity=sparsity.tocsr(), loss="soft_l1", f_scale=3.0,
-        x_scale="jac", method="trf", max_nfev=200,
+        x_scale="jac", method="trf", max_nfev=200, ftol=BUNDLE_TOLERANCE, xtol=BUNDLE_TOLERANCE,
     )
     f, k1, k2, rot, zoom, uv = unpack(sol.x)
     camera = Camera(ref_camera.width_px, ref_camera.height_px, float(f), float(k1), float(k2))
