@@ -10,7 +10,12 @@ from nightstack import demo as ns_demo
 from nightstack import io as ns_io
 from nightstack import landscape as ns_landscape
 from nightstack import loading as ns_loading
+from nightstack import scheduling as ns_scheduling
 from nightstack.errors import NightstackError
+
+# Snakemake (8.17-9.x) starts one more scheduler wake-up timer on every pass, so wake-ups grow
+# with the square of the jobs: 630 s of its own CPU on a 500-frame night (40 % of a core).
+ns_scheduling.coalesce_reevaluation_timers()
 
 
 def _load_nights():
