@@ -366,7 +366,7 @@ def dilate_disk(mask: np.ndarray, radius_px: int) -> np.ndarray:
     out = np.zeros_like(mask)
     as_bytes = mask.view(np.uint8)
     for dy in range(-radius_px, radius_px + 1):
-        half = int(np.count_nonzero(disk[dy + radius_px])) // 2
+        half = np.count_nonzero(disk[dy + radius_px]) // 2
         if half not in runs:
             runs[half] = ndimage.maximum_filter1d(as_bytes, 2 * half + 1, axis=1,
                                                   mode="constant").view(bool)

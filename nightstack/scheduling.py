@@ -41,7 +41,9 @@ def coalesce_reevaluation_timers(scheduler_class=None) -> bool:
     """
     if scheduler_class is None:
         try:
-            from snakemake.scheduling.job_scheduler import JobScheduler as scheduler_class
+            from snakemake.scheduling.job_scheduler import (
+                JobScheduler as scheduler_class,
+            )
         except ImportError:
             return False
     if getattr(scheduler_class, _PATCHED_FLAG, False):
