@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import NightstackError
 from .io import os_reason
+from .process import reuse_freed_memory
 
 log = logging.getLogger("nightstack")
 
@@ -42,9 +43,15 @@ def os_error_text(exc: OSError) -> str:
     return f"cannot read or write{where}: {os_reason(exc)}"
 
 
-def run_step(func, *args, log_path=None, **kwargs):
-    """Run a step; a NightstackError ends it with one clear line instead of a traceback."""
+def run_step(func, *args, log_path=None, reuse_memory=False, **kwargs):
+    """Run a step; a NightstackError ends it with one clear line instead of a traceback.
+
+    ``reuse_memory``: for steps that make many full-frame temporaries, keep freed memory in
+    the process for reuse (nightstack.process.reuse_freed_memory).
+    """
     configure(log_path)
+    if reuse_memory:
+        reuse_freed_memory()
     try:
         return func(*args, **kwargs)
     except NightstackError as exc:

@@ -14,4 +14,5 @@ run_step(
     snakemake.params.landscape,
     snakemake.params.frame_format,
     log_path=snakemake.log[0],
+    reuse_memory=True,
 )

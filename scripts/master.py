@@ -11,4 +11,5 @@ run_step(
     snakemake.params.calibration,
     bias=snakemake.input.get("bias"),
     log_path=snakemake.log[0],
+    reuse_memory=True,
 )

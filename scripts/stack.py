@@ -16,4 +16,5 @@ run_step(
     landscape_params=snakemake.params.landscape,
     threads=snakemake.threads,
     log_path=snakemake.log[0],
+    reuse_memory=True,
 )
