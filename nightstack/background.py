@@ -40,6 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import NightstackError
+from .filters import binary_dilation
 
 # Below this fraction of usable pixels a patch's own fit is not trusted.
 MIN_BACKGROUND_FRACTION = 0.2
@@ -357,21 +358,9 @@ def _any_neighbour(mask: np.ndarray) -> np.ndarray:
 
 
 def dilate_disk(mask: np.ndarray, radius_px: int) -> np.ndarray:
-    """Binary dilation of an (H, W) bool mask by the disk ``_disk(radius_px)``, outside False.
-
-    The disk is one horizontal run per row offset; each run is a 1D maximum filter, shifted
-    and ORed in: the same result as ndimage.binary_dilation, 3x faster for small radii."""
-    disk = _disk(radius_px)
-    runs = {}
-    out = np.zeros_like(mask)
-    as_bytes = mask.view(np.uint8)
-    for dy in range(-radius_px, radius_px + 1):
-        half = np.count_nonzero(disk[dy + radius_px]) // 2
-        if half not in runs:
-            runs[half] = ndimage.maximum_filter1d(as_bytes, 2 * half + 1, axis=1,
-                                                  mode="constant").view(bool)
-        _shifted_or(out, runs[half], dy, 0)
-    return out
+    """Binary dilation of an (H, W) bool mask by the disk ``_disk(radius_px)``, outside False:
+    ndimage.binary_dilation's result, by OpenCV (7x faster on 24 MP, filters.binary_dilation)."""
+    return binary_dilation(mask, _disk(radius_px))
 
 
 def _smooth_px(grid: _PatchGrid, cfg: BackgroundConfig) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import FrameError, NightstackError
+from .filters import convolve
 from .loading import BAYER_PATTERNS, RawFrame
 
 MASTER_KINDS = ("bias", "dark", "flat", "darkflat")
@@ -1242,7 +1243,7 @@ def demosaic(mosaic: np.ndarray, cfa_pattern: str) -> np.ndarray:
     for dy, dx, colour in phases:
         out[channel[colour], dy::2, dx::2] = cfa[dy::2, dx::2]
     # Each kernel is applied once to the whole mosaic and used at the phases that need it.
-    green = ndimage.convolve(cfa, _G_AT_RB, mode="mirror")
+    green = convolve(cfa, _G_AT_RB, mode="mirror")
     for dy, dx, colour in phases:
         if colour != "G":
             out[1, dy::2, dx::2] = green[dy::2, dx::2]
@@ -1253,7 +1254,7 @@ def demosaic(mosaic: np.ndarray, cfa_pattern: str) -> np.ndarray:
         (_RB_AT_G_SAME_COLUMN, "column"),
         (_RB_AT_BR, "diagonal"),
     ):
-        estimate = ndimage.convolve(cfa, kernel, mode="mirror")
+        estimate = convolve(cfa, kernel, mode="mirror")
         for dy, dx, colour in phases:
             if colour == "G":
                 same_row = row_colour[dy]  # R or B sits beside this green in its row

@@ -67,6 +67,7 @@ from scipy import ndimage
 
 from .background import interp_matrix
 from .errors import NightstackError
+from .filters import median_filter
 from .settings import settings_from_dict
 
 log = logging.getLogger("nightstack")
@@ -278,7 +279,7 @@ def find_sky_mask(median2d: np.ndarray) -> tuple[np.ndarray, dict]:
     height, width = img.shape
     all_sky = np.ones(img.shape, dtype=bool)
     noise = max(pixel_noise(img), 1e-6)
-    smooth = ndimage.median_filter(img, size=3, mode="nearest")
+    smooth = median_filter(img, 3).astype(np.float64)
     min_px = max(MIN_ISLAND_PX, int(MIN_ISLAND_FRACTION * img.size))
     dark = smooth < otsu_threshold(smooth[::2, ::2].ravel())
     dark = drop_islands(dark, min_px)

@@ -75,6 +75,7 @@ from scipy import linalg, ndimage
 from scipy.spatial import cKDTree
 
 from .errors import FrameError, NightstackError
+from .filters import median_filter
 from .settings import settings_from_dict
 from .io import read_fits_image
 from .landscape import source_ground, star_search_mask
@@ -206,7 +207,7 @@ def suppress_single_pixel_outliers(image2d: np.ndarray, sigma: float,
     """
     img = np.asarray(image2d, dtype=np.float32)
     noise = max(pixel_noise(img), noise_floor_adu, 1e-12)
-    median = ndimage.median_filter(img, size=3, mode="nearest")
+    median = median_filter(img, 3)
     neighbour_max = ndimage.maximum_filter(img, footprint=_RING_3X3, mode="nearest")
     hot = (img - median > sigma * noise) & (neighbour_max < 0.25 * img + 2.0 * noise)
     cleaned = np.where(hot, median, img)
