@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import FrameError, NightstackError
-from .filters import convolve
+from .filters import convolve, nonzero_2d
 from .loading import BAYER_PATTERNS, RawFrame
 
 MASTER_KINDS = ("bias", "dark", "flat", "darkflat")
@@ -745,7 +745,7 @@ def _repair_plane(image2d: np.ndarray, bad2d: np.ndarray, step: int, passes: int
     """
     bad = bad2d.copy()
     for _ in range(passes):
-        ys, xs = _nonzero_2d(bad)
+        ys, xs = nonzero_2d(bad)
         if ys.size == 0:
             return
         median = _nanmedian_rows(_gather_neighbours(image2d, ys, xs, step, exclude=bad))
@@ -922,13 +922,7 @@ def _spike_candidates(excess, brightest_neighbour, noise, sigma) -> tuple[np.nda
             for dx in range(step):
                 cells = (slice(dy, None, step), slice(dx, None, step))
                 np.greater(gap[cells], thresholds[dy][dx], out=band[cells])
-    return _nonzero_2d(candidate)
-
-
-def _nonzero_2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.nonzero of a 2D bool array (same order), through numpy's much faster 1D path."""
-    flat = np.flatnonzero(mask)
-    return np.divmod(flat, mask.shape[1])
+    return nonzero_2d(candidate)
 
 
 # =========================================================================== calibration
@@ -1037,7 +1031,7 @@ def dark_scale_from_hot_pixels(offset_free: np.ndarray, dark_current: np.ndarray
         return None
     if hot is None:
         hot = find_hot_pixels(current, cfa_pattern, sigma)
-    ys, xs = _nonzero_2d(np.asarray(hot, dtype=bool))
+    ys, xs = nonzero_2d(np.asarray(hot, dtype=bool))
     if ys.size < MIN_HOT_PIXELS_FOR_SCALE:
         return None
     step = _same_colour_step(_check_pattern(cfa_pattern))

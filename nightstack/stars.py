@@ -39,7 +39,7 @@ from astropy.stats import sigma_clipped_stats
 from scipy.spatial import cKDTree
 
 from .errors import NightstackError
-from .filters import gaussian_filter
+from .filters import gaussian_filter, nonzero_2d
 from .settings import settings_from_dict
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ def repair_hot_pixels(image2d, noise_adu: float, threshold_sigma: float = 5.0):
     np.maximum(neighbour_max, img[2:-2, 3:-1], out=neighbour_max)
     # Cheap full-frame preselection; the real test runs on the few pixels that pass.
     passing = np.subtract(core, neighbour_max) > 0.5 * threshold_sigma * noise_adu
-    rows, cols = np.divmod(np.flatnonzero(passing), passing.shape[1])  # np.nonzero, 20x faster
+    rows, cols = nonzero_2d(passing)
     del passing
     if rows.size == 0:
         return img, 0
@@ -293,7 +293,7 @@ def _local_maxima(snr: np.ndarray, threshold: float):
     Only pixels above threshold are compared with their neighbours, which on a star field
     is a tiny fraction of the frame (much cheaper than a full maximum filter).
     """
-    rows, cols = np.nonzero(snr > threshold)
+    rows, cols = nonzero_2d(snr > threshold)
     values = snr[rows, cols]
     h, w = snr.shape
     is_max = np.ones(rows.size, dtype=bool)

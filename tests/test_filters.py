@@ -96,3 +96,13 @@ def test_binary_dilation_equals_ndimage_including_asymmetric_footprints_and_bord
     for footprint in (lopsided, disk, np.ones((1, 1), bool)):
         np.testing.assert_array_equal(filters.binary_dilation(mask, footprint),
                                       ndimage.binary_dilation(mask, structure=footprint))  # fmt: skip
+
+
+def test_nonzero_2d_is_np_nonzero():
+    rng = np.random.default_rng(4)
+    for shape in ((37, 53), (1, 9), (9, 1), (0, 5)):
+        mask = rng.random(shape) > 0.8
+        rows, cols = filters.nonzero_2d(mask)
+        expected_rows, expected_cols = np.nonzero(mask)
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_array_equal(cols, expected_cols)
