@@ -146,7 +146,7 @@ def generated_set(name: str) -> DataSet:
     if not (folder / "truth.json").exists():
         print(f"generating {n_lights} lights of {width_px}x{height_px} in {folder} ...", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
-        generate_night(folder, generated_config(n_lights, width_px, height_px))
+        generate_night(folder, generated_config(n_lights, width_px, height_px), workers=os.cpu_count() or 1)
     calibration = {kind: images_in(folder / kind) for kind in CALIBRATION_DIRS if (folder / kind).is_dir()}
     return DataSet(name, folder, images_in(folder / "lights"), calibration)
 

@@ -523,3 +523,43 @@ def test_landscape_is_deterministic_and_leaves_the_plain_night_alone(landscape_n
     mean = lights_off.mean(axis=0)
     assert np.mean(mean < 0.5 * (1 - cfg_off.vignetting) * cfg_off.sky_adu) < 1e-4
     assert lights_off.shape == landscape_nights["on"][3].shape
+
+
+@pytest.mark.parametrize("beta", [3.0, 2.5])
+def test_moffat_stamps_average_the_psf_over_nine_subpixels(beta):
+    rng = np.random.default_rng(5)
+    dx = rng.uniform(-6.0, 6.0, (7, 9))
+    dy = rng.uniform(-6.0, 6.0, (7, 9))
+    alpha_px = 1.7
+    stamps = demo.moffat_pixel_means(dx, dy, alpha_px, beta)
+    sub = np.array([-1.0, 0.0, 1.0]) / 3.0
+    x = dx[:, None, :, None, None] + sub[None, None, None, None, :]
+    y = dy[:, :, None, None, None] + sub[None, None, None, :, None]
+    profile = (beta - 1.0) / (np.pi * alpha_px**2) * (1.0 + (x**2 + y**2) / alpha_px**2) ** -beta
+    np.testing.assert_allclose(stamps, profile.mean(axis=(3, 4)), rtol=1e-12)
+
+
+def test_add_stamps_scales_by_colour_and_drops_pixels_off_the_chip():
+    channel_map = demo.cfa_channel_map("RGGB", 6, 8)
+    image = np.zeros((6, 8))
+    stamps = np.arange(2 * 3 * 3, dtype=float).reshape(2, 3, 3) + 1.0
+    origin = np.array([[-1, 4], [5, 0]])  # the first stamp hangs off the left and bottom edges
+    rgb = np.array([[1.0, 2.0, 3.0], [0.5, 1.0, 4.0]])
+    demo.add_stamps(image, stamps, origin, np.array([10.0, 100.0]), rgb, channel_map)
+    expected = np.zeros((6, 8))
+    for k in range(2):
+        for row in range(3):
+            for col in range(3):
+                y, x = origin[k, 1] + row, origin[k, 0] + col
+                if 0 <= y < 6 and 0 <= x < 8:
+                    expected[y, x] += stamps[k, row, col] * [10.0, 100.0][k] * rgb[k, channel_map[y, x]]
+    np.testing.assert_allclose(image, expected)
+    assert image[4:, :2].all() and not image[:, 2:5].any() and not image[:4, :2].any()  # 2 rows x 2 cols of stamp 0
+
+
+def test_lights_are_the_same_written_by_one_or_two_workers(tmp_path):
+    cfg = replace(DISTORTED, n_lights=3, n_biases=1, n_darks=1, n_flats=1)
+    generate_night(tmp_path / "one", cfg)
+    generate_night(tmp_path / "two", cfg, workers=2)
+    for name in light_names(cfg):
+        assert (tmp_path / "one" / "lights" / name).read_bytes() == (tmp_path / "two" / "lights" / name).read_bytes()
