@@ -23,6 +23,7 @@ from scipy import ndimage
 from .errors import FrameError, NightstackError
 from .filters import convolve, nonzero_2d
 from .loading import BAYER_PATTERNS, RawFrame
+from .robust import nanmedian_axis0, nanmedian_last_axis, nanmedian_rows
 
 MASTER_KINDS = ("bias", "dark", "flat", "darkflat")
 DEFAULT_CONFIG = {
@@ -45,8 +46,6 @@ OUTLIER_BRIGHT_PEAK_RATIO = 10.0
 OUTLIER_NEIGHBOUR_NOISE_SIGMAS = 5.0
 COMBINE_BAND_BYTES = 32 * 1024 * 1024
 BACKGROUND_BLOCK_PX = 16
-# axis-0 medians of at most this many values use a sorting network (see _sort_axis0_network)
-SORT_NETWORK_MAX = 12
 # rows per band of the ring median/maximum and spike search (keeps temporaries in cache;
 # even, so every band starts on the same CFA row phase)
 RING_BAND_ROWS = 64
@@ -138,74 +137,6 @@ def _size_text(shape) -> str:
 # =========================================================================== robust statistics
 
 
-def _sort_axis0_network(values: np.ndarray) -> None:
-    """Sort ``values`` along axis 0 in place, NaN last, by odd-even transposition.
-
-    Each comparator is two whole-row ufuncs (fmin keeps the number, maximum keeps the NaN),
-    so a short axis 0 sorts several times faster than np.sort, which walks it pixel by pixel.
-    The rows end up holding exactly the values np.sort would give.
-    """
-    n = values.shape[0]
-    low = np.empty_like(values[0])
-    for rnd in range(n):
-        for i in range(rnd % 2, n - 1, 2):
-            np.fmin(values[i], values[i + 1], out=low)
-            np.maximum(values[i], values[i + 1], out=values[i + 1])
-            values[i] = low
-
-
-def _nanmedian_axis0(values: np.ndarray, overwrite: bool = False) -> np.ndarray:
-    """Median along axis 0 ignoring NaN (NaN sorts last); NaN where all are NaN.
-
-    With ``overwrite`` the input is sorted in place instead of copied. Much faster than
-    np.nanmedian, which goes through masked arrays for short axes; up to
-    SORT_NETWORK_MAX values per pixel are sorted by a comparator network. As NaN sorts
-    last, only pixels whose last sorted value is NaN need their own middle rank.
-    """
-    n = values.shape[0]
-    ordered = values if overwrite else np.array(values, copy=True)
-    if n <= SORT_NETWORK_MAX:
-        _sort_axis0_network(ordered)
-    else:  # sort contiguous rows (fast), then view them with the values on axis 0 again
-        ordered = np.moveaxis(np.sort(np.moveaxis(ordered, 0, -1), axis=-1), -1, 0)
-    median = 0.5 * (ordered[(n - 1) // 2] + ordered[n // 2])
-    partial = np.isnan(ordered[-1])
-    if np.any(partial):
-        columns = ordered[:, partial]
-        valid = n - np.count_nonzero(np.isnan(columns), axis=0)
-        lo = np.clip((valid - 1) // 2, 0, None)[None]
-        hi = np.clip(valid // 2, 0, None)[None]
-        low = np.take_along_axis(columns, lo, axis=0)[0]
-        high = np.take_along_axis(columns, hi, axis=0)[0]
-        median[partial] = 0.5 * (low + high)  # NaN where no value is valid
-    return median
-
-
-def _nanmedian_last_axis(values: np.ndarray) -> np.ndarray:
-    """Median along the last (contiguous) axis ignoring NaN; sorts ``values`` in place.
-
-    Same numbers as :func:`_nanmedian_axis0`. Sorting contiguous rows (numpy's SIMD sort) is
-    several times faster than np.partition at the two middle ranks for rows of ~256 values.
-    """
-    n = values.shape[-1]
-    n_valid = n - np.count_nonzero(np.isnan(values), axis=-1)
-    values.sort(axis=-1)
-    if np.all(n_valid == n):
-        return 0.5 * (values[..., (n - 1) // 2] + values[..., n // 2])
-    lo = np.clip((n_valid - 1) // 2, 0, None)[..., None]
-    hi = np.clip(n_valid // 2, 0, None)[..., None]
-    low = np.take_along_axis(values, lo, axis=-1)[..., 0]
-    high = np.take_along_axis(values, hi, axis=-1)[..., 0]
-    median = 0.5 * (low + high)
-    median[n_valid == 0] = np.nan
-    return median
-
-
-def _nanmedian_rows(values: np.ndarray) -> np.ndarray:
-    """Median of each row of a 2D array ignoring NaN (see _nanmedian_axis0)."""
-    return _nanmedian_axis0(np.array(values.T, copy=True), overwrite=True)
-
-
 def _abs_deviation(band: np.ndarray, centre: np.ndarray) -> np.ndarray:
     deviation = band - centre
     return np.abs(deviation, out=deviation)
@@ -218,8 +149,8 @@ def _clipped_mean_band(band: np.ndarray, sigma: float, iterations: int) -> np.nd
     at once.
     """
     for _ in range(iterations):
-        centre = _nanmedian_axis0(band)
-        spread = MAD_TO_SIGMA * _nanmedian_axis0(_abs_deviation(band, centre), overwrite=True)
+        centre = nanmedian_axis0(band)
+        spread = MAD_TO_SIGMA * nanmedian_axis0(_abs_deviation(band, centre), overwrite=True)
         flat_spots = ~(spread > 0)
         if np.any(flat_spots):
             with warnings.catch_warnings():
@@ -350,7 +281,7 @@ def _block_background(plane: np.ndarray, block: int = BACKGROUND_BLOCK_PX) -> np
     tiles = plane[: n_y * block, : n_x * block].reshape(n_y, block, n_x, block)
     # one contiguous row of block*block values per tile, sorted to find its median
     tiles = np.array(tiles.transpose(0, 2, 1, 3), copy=True).reshape(n_y, n_x, block * block)
-    grid = _nanmedian_last_axis(tiles)
+    grid = nanmedian_last_axis(tiles)
     del tiles
     known = np.isfinite(grid)
     if not known.all():  # tiles without a single usable pixel take the overall level
@@ -748,7 +679,7 @@ def _repair_plane(image2d: np.ndarray, bad2d: np.ndarray, step: int, passes: int
         ys, xs = nonzero_2d(bad)
         if ys.size == 0:
             return
-        median = _nanmedian_rows(_gather_neighbours(image2d, ys, xs, step, exclude=bad))
+        median = nanmedian_rows(_gather_neighbours(image2d, ys, xs, step, exclude=bad))
         fixed = np.isfinite(median)
         image2d[ys[fixed], xs[fixed]] = median[fixed]
         bad[ys[fixed], xs[fixed]] = False
@@ -835,7 +766,7 @@ def find_outlier_pixels(mosaic: np.ndarray, cfa_pattern, sigma: float = 10.0,
     brightest_neighbour = _ring_maximum(excess)
     ys, xs = _spike_candidates(excess, brightest_neighbour, noise, sigma)
     noise_at = noise[ys % step, xs % step]
-    local = _nanmedian_rows(_gather_neighbours(excess, ys, xs, step))
+    local = nanmedian_rows(_gather_neighbours(excess, ys, xs, step))
     height_above = excess[ys, xs] - local
     neighbour_above = brightest_neighbour[ys, xs] - local
     is_spike = (height_above > sigma * noise_at) & (
@@ -1035,8 +966,8 @@ def dark_scale_from_hot_pixels(offset_free: np.ndarray, dark_current: np.ndarray
     if ys.size < MIN_HOT_PIXELS_FOR_SCALE:
         return None
     step = _same_colour_step(_check_pattern(cfa_pattern))
-    light_excess = light[ys, xs] - _nanmedian_rows(_gather_neighbours(light, ys, xs, step))
-    dark_excess = current[ys, xs] - _nanmedian_rows(_gather_neighbours(current, ys, xs, step))
+    light_excess = light[ys, xs] - nanmedian_rows(_gather_neighbours(light, ys, xs, step))
+    dark_excess = current[ys, xs] - nanmedian_rows(_gather_neighbours(current, ys, xs, step))
     usable = np.isfinite(light_excess) & np.isfinite(dark_excess) & (dark_excess > 0)
     if np.count_nonzero(usable) < MIN_HOT_PIXELS_FOR_SCALE:
         return None

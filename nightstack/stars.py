@@ -30,7 +30,6 @@ smeared by demosaicing (colourful dots in camera JPEGs) look like small stars an
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +39,7 @@ from scipy.spatial import cKDTree
 
 from .errors import NightstackError
 from .filters import gaussian_filter, nonzero_2d
+from .robust import nanmedian_last_axis
 from .settings import settings_from_dict
 
 if TYPE_CHECKING:
@@ -440,10 +440,9 @@ def _ring_background(data, inside, r, noise_floor):
     off = np.arange(-r, r + 1)
     ring = np.hypot(off[:, None], off[None, :]) >= r - 1.0
     values = np.where(inside[:, ring], data[:, ring], np.nan)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rings of off-frame stamps
-        bg = np.nanmedian(values, axis=1)
-        noise = MAD_TO_SIGMA * np.nanmedian(np.abs(values - bg[:, None]), axis=1)
+    with np.errstate(all="ignore"):  # all-NaN rings of off-frame stamps give NaN
+        bg = nanmedian_last_axis(values)
+        noise = MAD_TO_SIGMA * nanmedian_last_axis(np.abs(values - bg[:, None]))
     bg = np.where(np.isfinite(bg), bg, 0.0)
     noise = np.where(np.isfinite(noise), np.maximum(noise, noise_floor), np.inf)
     return bg, noise
