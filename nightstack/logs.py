@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import NightstackError
 from .io import os_reason
-from .process import reuse_freed_memory
+from .process import limit_opencv_threads, reuse_freed_memory, single_threaded_blas
 
 log = logging.getLogger("nightstack")
 
@@ -43,13 +43,16 @@ def os_error_text(exc: OSError) -> str:
     return f"cannot read or write{where}: {os_reason(exc)}"
 
 
-def run_step(func, *args, log_path=None, reuse_memory=False, **kwargs):
+def run_step(func, *args, log_path=None, reuse_memory=False, job_threads=1, **kwargs):
     """Run a step; a NightstackError ends it with one clear line instead of a traceback.
 
     ``reuse_memory``: for steps that make many full-frame temporaries, keep freed memory in
-    the process for reuse (nightstack.process.reuse_freed_memory).
+    the process for reuse (nightstack.process.reuse_freed_memory). ``job_threads``: the
+    threads the rule declares; OpenCV gets as many, BLAS one (nightstack.process).
     """
     configure(log_path)
+    single_threaded_blas()
+    limit_opencv_threads(job_threads)
     if reuse_memory:
         reuse_freed_memory()
     try:

@@ -17,4 +17,5 @@ run_step(
     threads=snakemake.threads,
     log_path=snakemake.log[0],
     reuse_memory=True,
+    job_threads=snakemake.threads,
 )
