@@ -369,7 +369,7 @@ def psf_stamps(xy: np.ndarray, origin: np.ndarray, size: int, cfg: DemoConfig) -
         ex = 0.5 * (erf((dx + 0.5) / scale) - erf((dx - 0.5) / scale))
         ey = 0.5 * (erf((dy + 0.5) / scale) - erf((dy - 0.5) / scale))
         return ey[:, :, None] * ex[:, None, :]
-    return moffat_pixel_means(dx.astype(float), dy.astype(float), moffat_alpha_px(cfg.fwhm_px), MOFFAT_BETA)
+    return moffat_pixel_means(dx, dy, moffat_alpha_px(cfg.fwhm_px), MOFFAT_BETA)
 
 
 @njit(cache=True, nogil=True)

@@ -440,9 +440,8 @@ def _ring_background(data, inside, r, noise_floor):
     off = np.arange(-r, r + 1)
     ring = np.hypot(off[:, None], off[None, :]) >= r - 1.0
     values = np.where(inside[:, ring], data[:, ring], np.nan)
-    with np.errstate(all="ignore"):  # all-NaN rings of off-frame stamps give NaN
-        bg = nanmedian_last_axis(values)
-        noise = MAD_TO_SIGMA * nanmedian_last_axis(np.abs(values - bg[:, None]))
+    bg = nanmedian_last_axis(values)  # NaN for the all-NaN ring of a stamp off the frame
+    noise = MAD_TO_SIGMA * nanmedian_last_axis(np.abs(values - bg[:, None]))
     bg = np.where(np.isfinite(bg), bg, 0.0)
     noise = np.where(np.isfinite(noise), np.maximum(noise, noise_floor), np.inf)
     return bg, noise
