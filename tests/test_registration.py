@@ -9,7 +9,9 @@ from nightstack.matching import match_coarse, mutual_nearest, triangles
 from nightstack.registration import (
     RegistrationConfig,
     StarList,
+    build_tracks,
     estimate_pose,
+    observations_within_budget,
     solve_night,
 )
 
@@ -137,6 +139,51 @@ def test_bundle_adjustment_recovers_focal_and_distortion():
     assert sol.rms_outer_px <= 1.2 * sol.rms_centre_px + 0.02
 
 
+def test_observation_budget_keeps_an_equal_share_of_the_most_seen_tracks():
+    rng = np.random.default_rng(11)
+    n_frames, n_tracks = 6, 50
+    seen = rng.uniform(size=(n_frames, n_tracks)) < np.linspace(0.2, 1.0, n_tracks)  # later tracks seen more
+    frame_ids, track_ids = np.nonzero(seen)
+    frame = np.concatenate([np.full(n_tracks, -1), frame_ids])  # the reference sees every track
+    track = np.concatenate([np.arange(n_tracks), track_ids])
+    order = rng.permutation(len(frame))
+    frame, track = frame[order], track[order]
+    assert observations_within_budget(frame, track, len(frame)).all()
+    keep = observations_within_budget(frame, track, 60)
+    per_frame = np.bincount(frame[keep & (frame >= 0)], minlength=n_frames)
+    assert per_frame.max() <= 60 // n_frames and per_frame.min() > 0
+    seen_by = np.bincount(track)
+    for k in range(n_frames):
+        mine = frame == k
+        # a frame's kept tracks are its most-seen ones: none it dropped is seen by more frames
+        kept, dropped = seen_by[track[mine & keep]], seen_by[track[mine & ~keep]]
+        assert len(dropped) > 0 and kept.min() >= dropped.max()
+    # every kept track has two observations, and the reference keeps its own of those tracks
+    assert (np.bincount(track[keep], minlength=n_tracks)[np.unique(track[keep])] >= 2).all()
+    ref_kept = set(track[keep & (frame == -1)])
+    assert ref_kept == set(track[keep & (frame >= 0)])
+
+
+def test_bundle_adjustment_within_an_observation_budget():
+    rng = np.random.default_rng(6)
+    true_cam = Camera(1500, 1000, focal_px=1400.0)
+    rays, flux = sky(3000, rng, true_cam, margin=2.0)
+    rots = [Rotation.from_rotvec([0.0, 0.0, 0.004 * k]).as_matrix() for k in range(8)]
+    obs = [observe(rays, flux, true_cam, r, rng, noise_px=0.05) for r in rots]
+    cfg = RegistrationConfig(distortion="off")
+    poses = [estimate_pose(o, obs[0], true_cam, cfg) for o in obs[1:]]
+    full = build_tracks(obs[0], obs[1:], poses, true_cam, cfg)
+    budget = len(full.frame) // 4
+    capped = RegistrationConfig(distortion="off", max_observations=budget)
+    tracks = build_tracks(obs[0], obs[1:], poses, true_cam, capped)
+    n_ref = int(np.sum(tracks.frame == -1))
+    assert len(tracks.frame) - n_ref <= budget < len(full.frame)
+    sol = solve_night(obs[0], obs[1:], poses, true_cam, capped)
+    for pose, rot in zip(sol.poses, rots[1:]):
+        h = homography(sol.ref_camera, sol.ref_camera.with_focal(sol.ref_camera.focal_px * pose.zoom), pose.rotation())
+        assert grid_error(h, homography(true_cam, true_cam, rot), true_cam) < 0.1
+
+
 def test_zoomed_frames_register_through_per_frame_focal():
     rng = np.random.default_rng(7)
     cam = Camera(1200, 800, focal_px=2500.0)
@@ -196,3 +243,4 @@ def test_hot_pixels_do_not_pin_the_registration():
     err = grid_error(homography(cam, cam.with_focal(cam.focal_px * pose.zoom), pose.rotation()),
                      homography(cam, cam, rot), cam)
     assert err < 0.1, err
+
