@@ -50,7 +50,7 @@ rule solve:
     conda:
         "../envs/nightstack.yaml"
     resources:
-        mem_mb=1000,
+        mem_mb=solve_mem_mb,
         runtime=30,
     params:
         registration=config["registration"],
