@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from . import compressed_boxes
 from .errors import NightstackError
 
 
@@ -232,13 +233,16 @@ def open_fits_data(path):
     """(hdul, data) of a nightstack FITS file, without reading the image into memory.
 
     ``data`` is the memory-mapped primary array or, for a tile-compressed (C, H, W) image,
-    its CompImageSection: slicing it decompresses only the tiles the slice touches (a 2D
+    an object whose slices decompress only the tiles they touch: CompressedBoxes for the
+    workflow's own quantised RICE_1 frames, astropy's CompImageSection for others (a 2D
     compressed image, which the workflow never writes, is decompressed whole). None when
     the file holds no image. Drop ``data``, then close ``hdul``, when done.
     """
     hdul = fits.open(path, memmap=True, lazy_load_hdus=True)
     hdu = image_hdu(hdul)
     if isinstance(hdu, fits.CompImageHDU) and len(hdu.shape) == 3:
+        if compressed_boxes.supports(hdu):
+            return hdul, compressed_boxes.CompressedBoxes(hdu)
         return hdul, hdu.section
     return hdul, hdu.data
 

@@ -71,6 +71,10 @@ class Progress:
     def __init__(self, label: str, total: int):
         self.label, self.total, self.done, self.next_pct = label, max(int(total), 1), 0, 10
 
+    def expect(self, total: int) -> None:
+        """Set the count to reach once it is known (the stack's tiles, after planning)."""
+        self.total = max(int(total), 1)
+
     def __call__(self, n: int = 1) -> None:
         self.done += n
         pct = 100 * self.done // self.total

@@ -699,7 +699,8 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
     warps: one FrameWarp per accepted frame. out_shape: (C, H, W) of the reference grid, or
     of the output box when ``origin_px`` = (x0, y0), whole reference pixels: output pixel
     (row i, column j) is then reference pixel (x0 + j, y0 + i) (nightstack.framing).
-    progress: optional callable, called with 1 after each tile (nightstack.logs.Progress).
+    progress: optional callable, called with 1 after each tile; one with an ``expect`` method
+    (nightstack.logs.Progress) is first given the number of tiles.
     landscape: optional nightstack.landscape.LandscapeStack: the sky is combined from sky
     source pixels only and joined to the frozen (unregistered) ground along a feathered seam.
     Returns (image (C, H, W) float32, ``fill_value`` where no frame covers; coverage (H, W) int16 = number
@@ -742,6 +743,8 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
     buffers = [np.empty(n_frames * n_channels * plan.tile_h * plan.tile_w, dtype=np.float32)
                for _ in range(2 if read_ahead else 1)]
     tiles = list(tile_bounds(plan, height, width))
+    if hasattr(progress, "expect"):
+        progress.expect(len(tiles))
     probes = probe_boxes(tiles, height, width)
     probe_noise = []
     for (y0, y1, x0, x1), stack in _tile_stacks(warps, tiles, (ox, oy), n_channels,

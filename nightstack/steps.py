@@ -790,14 +790,14 @@ def stack_step(night: str, solution_json, calibrated: dict, catalogs: dict, outp
     out_shape = (n_channels, box.height_px, box.width_px)
     framed = framing != "reference"
     landscape = _landscape_stack(sky_mask, landscape_params, str(calibrated[ref_id]))
-    progress = Progress(f"stacking night {night}", 1)
+    log.info("stacking night %s: %d frames", night, len(warps))
+    progress = Progress(f"stacking night {night}, tiles", 1)
     image, coverage, info = stack_frames(
-        warps, out_shape, cfg, progress=None, origin_px=(box.x0_px, box.y0_px) if framed else None,
+        warps, out_shape, cfg, progress=progress, origin_px=(box.x0_px, box.y0_px) if framed else None,
         fill_value=np.nan if framed else 0.0, landscape=landscape, threads=threads)
     if landscape is not None:
         info["landscape"] = {"ground_fraction": float(1 - landscape.sky.mean()),
                              "feather_px": landscape.feather_px, "frozen_pose": ref_id}
-    progress()
     info["framing"] = {**box.as_dict(), **framing_info,
                        "convention": "stack pixel (row i, column j) is reference pixel "
                                      "(x0_px + j, y0_px + i); 0-based"}

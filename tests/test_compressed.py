@@ -7,11 +7,13 @@ from astropy.io import fits
 from workflow_helpers import REPO
 
 from nightstack.camera import Camera, rotation_matrix
+from nightstack.compressed_boxes import CompressedBoxes
 from nightstack.errors import NightstackError
 from nightstack.io import (
     COMPRESSED_HDU,
     calibrated_format,
     dither_seed,
+    image_hdu,
     open_fits_data,
     read_catalog,
     read_fits_image,
@@ -97,6 +99,75 @@ def test_stack_reads_a_box_through_the_section(tmp_path):
         hdul.close()
     with fits.open(packed) as hdul:
         assert COMPRESSED_HDU in hdul and hdul[0].data is None
+
+
+def _random_boxes(shape, n, rng):
+    """n (C, y, x) slice triples inside ``shape``: any channel range, 1-200 px sides."""
+    c, h, w = shape
+    boxes = []
+    for _ in range(n):
+        c0 = int(rng.integers(0, c))
+        y0, x0 = int(rng.integers(0, h - 1)), int(rng.integers(0, w - 1))
+        boxes.append((slice(c0, int(rng.integers(c0 + 1, c + 1))),
+                      slice(y0, min(h, y0 + int(rng.integers(1, 200)))),
+                      slice(x0, min(w, x0 + int(rng.integers(1, 200))))))
+    return boxes
+
+
+def test_box_reader_gives_astropys_values_bit_for_bit(tmp_path):
+    # the stack's own tile decoder against astropy's section: NaN corner, zero band, image
+    # edges (500 px is not a multiple of the 256 px tile width), single rows and columns
+    data = star_frame(seed=4)
+    _, packed = write_both(tmp_path, data)
+    hdul, boxes = open_fits_data(packed)
+    try:
+        assert isinstance(boxes, CompressedBoxes)
+        section = image_hdu(hdul).section
+        chosen = _random_boxes(data.shape, 150, np.random.default_rng(7)) + [
+            (slice(0, 3), slice(0, 300), slice(0, 500)),  # the whole image
+            (slice(2, 3), slice(299, 300), slice(250, 500)),  # last row, last tile column
+            (slice(0, 3), slice(0, 25), slice(0, 25)),  # the NaN corner
+        ]
+        for box in chosen:
+            got = boxes[box]
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, section[box])
+        # other indexing is astropy's
+        np.testing.assert_array_equal(boxes[1, 5:9, ::2], section[1, 5:9, ::2])
+    finally:
+        del boxes
+        hdul.close()
+
+
+def test_box_reader_hands_lossless_tiles_to_astropy(tmp_path):
+    # values beyond the int32 range of the quantised steps cannot be quantised: the tile is
+    # stored losslessly (GZIP_COMPRESSED_DATA)
+    data = star_frame(seed=5)
+    data[:, 100, 300] = 3e12
+    _, packed = write_both(tmp_path, data)
+    hdul, boxes = open_fits_data(packed)
+    try:
+        sizes = np.array(image_hdu(hdul)._bintable.data["COMPRESSED_DATA"])[:, 0]
+        assert (sizes == 0).any()  # the premise: some tile is stored losslessly
+        box = (slice(0, 3), slice(50, 140), slice(200, 400))
+        np.testing.assert_array_equal(boxes[box], image_hdu(hdul).section[box])
+        assert np.all(boxes[:, 100:101, 300:301] == np.float32(3e12))
+    finally:
+        del boxes
+        hdul.close()
+
+
+def test_box_reader_leaves_other_compressed_images_to_astropy(tmp_path):
+    path = tmp_path / "gzip.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(
+        star_frame(seed=6), compression_type="GZIP_1", tile_shape=(1, 64, 256))]).writeto(path)
+    hdul, data = open_fits_data(path)
+    try:
+        assert not isinstance(data, CompressedBoxes)
+        assert data[:, 10:20, 30:40].shape == (3, 10, 10)
+    finally:
+        del data
+        hdul.close()
 
 
 def test_rejected_frame_stays_an_empty_primary(tmp_path):
