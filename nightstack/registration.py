@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import least_squares
-from scipy.sparse import lil_matrix
+from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
-from scipy.sparse import coo_matrix
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
-from .camera import Camera, map_ref_to_frame, map_frame_to_ref, homography
+from .camera import Camera, homography, map_frame_to_ref, map_ref_to_frame
 from .errors import NightstackError
 from .matching import MatchConfig, match_coarse, mutual_nearest
 
@@ -127,6 +126,7 @@ def _fit_pose(ref_xy, frame_xy, sigma, ref_camera, rotvec0, zoom0, fit_zoom, fra
 
 
 BUNDLE_TOLERANCE = 1e-7  # least_squares ftol and xtol of the night's bundle adjustment
+LINK_CHUNK_POINTS = 8192  # points whose neighbour pairs are held at once (radius_components)
 
 # A match that moves no corner of the frame by this much (px) may be a pattern fixed on the
 # sensor (hot pixels, JPEG-baked defects); when another, moving, match exists, that is the sky.
@@ -256,6 +256,35 @@ class Tracks:
     n_tracks: int
 
 
+def radius_components(xy: np.ndarray, radius_px: float,
+                      chunk_points: int = LINK_CHUNK_POINTS) -> tuple[int, np.ndarray]:
+    """Groups of points (N, 2) chained by distances of at most ``radius_px``: (number of
+    groups, group label (N,) of each point), labels numbered by each group's first point,
+    as scipy's connected_components numbers them.
+
+    The same groups as connected_components of cKDTree.query_pairs, but the pairs are found
+    ``chunk_points`` points at a time and merged into the labels, so memory stays bounded:
+    a star seen by m frames is m points within the radius and m^2 / 2 pairs, and the 2
+    million stars the reference missed on 500 x 24 MP frames gave a 1.2 GB pair list.
+    """
+    n = len(xy)
+    if n == 0:
+        return 0, np.zeros(0, dtype=np.int64)
+    tree = cKDTree(xy)
+    label = np.arange(n)
+    for start in range(0, n, chunk_points):
+        chunk = cKDTree(xy[start:start + chunk_points])
+        pairs = chunk.sparse_distance_matrix(tree, radius_px, output_type="ndarray")
+        graph = coo_matrix((np.ones(len(pairs), dtype=np.int8),
+                            (label[pairs["i"] + start], label[pairs["j"]])), shape=(n, n))
+        del pairs
+        label = connected_components(graph, directed=False)[1][label]
+    groups, first, inverse = np.unique(label, return_index=True, return_inverse=True)
+    rank = np.empty(len(groups), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(groups))
+    return len(groups), rank[inverse]
+
+
 def build_tracks(ref: StarList, frames: list[StarList], poses: list[Pose], ref_camera: Camera,
                  cfg: RegistrationConfig) -> Tracks:
     """Tracks from each accepted frame's pairs with the reference, plus stars that the
@@ -294,9 +323,7 @@ def build_tracks(ref: StarList, frames: list[StarList], poses: list[Pose], ref_c
             far = ~np.isfinite(d)
             exy, efr, eobs, esig = exy[far], efr[far], eobs[far], esig[far]
         if len(exy) > 1:
-            pairs = cKDTree(exy).query_pairs(r=cfg.final_radius_px / 2, output_type="ndarray")
-            graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(exy),) * 2)
-            n_comp, label = connected_components(graph, directed=False)
+            n_comp, label = radius_components(exy, cfg.final_radius_px / 2)
             size = np.bincount(label, minlength=n_comp)
             # one observation per frame and track, at least two frames
             key = label.astype(np.int64) * (len(frames) + 1) + efr
@@ -383,6 +410,34 @@ def _project(uv, f, k1, k2, centre, rot, zoom):
     return centre + p * (1.0 + k1 * r2 + k2 * r2 * r2)
 
 
+def jacobian_sparsity(obs_slot: np.ndarray, track: np.ndarray, n_glob: int, n_pose: int,
+                      off_track: int, n_par: int) -> csr_matrix:
+    """Which parameters each residual of the bundle adjustment depends on (CSR, int8 ones).
+
+    Rows: x and y of every observation, then one prior row per global parameter. An
+    observation depends on the n_glob global parameters (log focal, k1, k2), on its frame's
+    n_pose parameters (none for the reference, ``obs_slot`` -1) and on its track's two
+    plane coordinates. Columns: globals, then poses by slot, then tracks from ``off_track``.
+    Built from index arrays: a lil_matrix filled by fancy indexing held Python lists for
+    every row (400k rows for 200k observations).
+    """
+    n_obs = len(obs_slot)
+    has_pose = obs_slot >= 0
+    obs_cols = [np.broadcast_to(np.arange(n_glob), (n_obs, n_glob)),
+                off_track + 2 * track[:, None] + np.arange(2)]
+    obs_rows = [np.repeat(np.arange(n_obs), n_glob), np.repeat(np.arange(n_obs), 2)]
+    obs_rows.append(np.repeat(np.nonzero(has_pose)[0], n_pose))
+    obs_cols.append(n_glob + n_pose * obs_slot[has_pose][:, None] + np.arange(n_pose))
+    obs = np.concatenate(obs_rows)
+    cols = np.concatenate([c.ravel() for c in obs_cols])
+    rows = np.concatenate([2 * obs, 2 * obs + 1, 2 * n_obs + np.arange(n_glob)])
+    cols = np.concatenate([cols, cols, np.arange(n_glob)])
+    shape = (2 * n_obs + n_glob, n_par)
+    sparsity = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=shape).tocsr()
+    sparsity.sort_indices()
+    return sparsity
+
+
 def bundle_adjust(tracks: Tracks, poses: list[Pose], ref_camera: Camera, focal_guess_px: float,
                   cfg: RegistrationConfig, distortion: bool) -> Solution:
     """Refine all accepted poses, the focal length and optionally k1, k2 over all tracks."""
@@ -448,26 +503,11 @@ def bundle_adjust(tracks: Tracks, poses: list[Pose], ref_camera: Camera, focal_g
 
     n_obs = len(fr)
     n_par = len(x0)
-    sparsity = lil_matrix((2 * n_obs + (3 if distortion else 1), n_par), dtype=np.int8)
-    rows = np.arange(n_obs)
-    for c in range(n_glob):
-        sparsity[2 * rows, c] = 1
-        sparsity[2 * rows + 1, c] = 1
-    has_pose = obs_slot >= 0
-    for c in range(n_pose):
-        cols = off_pose + obs_slot[has_pose] * n_pose + c
-        sparsity[2 * rows[has_pose], cols] = 1
-        sparsity[2 * rows[has_pose] + 1, cols] = 1
-    for c in range(2):
-        cols = off_track + tr * 2 + c
-        sparsity[2 * rows, cols] = 1
-        sparsity[2 * rows + 1, cols] = 1
-    for j in range(n_glob):
-        sparsity[2 * n_obs + j, j] = 1
+    sparsity = jacobian_sparsity(obs_slot, tr, n_glob, n_pose, off_track, n_par)
     # ftol/xtol 1e-7 instead of scipy's 1e-8: on 16 x 24 MP (4000 tracks) the last decade
     # took 70 % of the Jacobians (21 s -> 7 s) and moved the homographies by 3e-5 px
     sol = least_squares(
-        residuals, x0, jac_sparsity=sparsity.tocsr(), loss="soft_l1", f_scale=3.0,
+        residuals, x0, jac_sparsity=sparsity, loss="soft_l1", f_scale=3.0,
         x_scale="jac", method="trf", max_nfev=200, ftol=BUNDLE_TOLERANCE, xtol=BUNDLE_TOLERANCE,
     )
     f, k1, k2, rot, zoom, uv = unpack(sol.x)

@@ -274,10 +274,11 @@ def calibrated_frame_format(wildcards):
     )
 
 
-# the solve holds every star catalog and searches all the stars the reference missed, so it
-# grows with frames x megapixels: measured 0.32 GB on 16 x 24 MP and on 500 x 1.7 MP, 2.2 GB
-# on 500 x 24 MP
-SOLVE_MB = (500, 0.2)  # fixed MB, MB per frame-megapixel
+# the solve holds every frame's registration stars and searches the stars the reference
+# missed, so it grows with frames x megapixels: measured 0.32 GB on 16 x 24 MP and on
+# 500 x 1.7 MP, 0.78 GB on 500 x 24 MP (benchmarks/bench_solve_scale.py; 2.9 GB before the
+# catalogs were dropped once read and the shared stars searched in chunks)
+SOLVE_MB = (550, 0.05)  # fixed MB, MB per frame-megapixel
 
 
 def solve_mem_mb(wildcards, attempt):

@@ -2,6 +2,9 @@
 
 import numpy as np
 import pytest
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from nightstack.camera import Camera, apply_homography, homography, map_ref_to_frame
@@ -11,7 +14,9 @@ from nightstack.registration import (
     StarList,
     build_tracks,
     estimate_pose,
+    jacobian_sparsity,
     observations_within_budget,
+    radius_components,
     solve_night,
 )
 
@@ -162,6 +167,43 @@ def test_observation_budget_keeps_an_equal_share_of_the_most_seen_tracks():
     assert (np.bincount(track[keep], minlength=n_tracks)[np.unique(track[keep])] >= 2).all()
     ref_kept = set(track[keep & (frame == -1)])
     assert ref_kept == set(track[keep & (frame >= 0)])
+
+
+def test_jacobian_sparsity_marks_each_residuals_parameters():
+    rng = np.random.default_rng(2)
+    n_obs, n_act, n_tracks = 40, 3, 9
+    obs_slot = rng.integers(-1, n_act, n_obs)  # -1: the reference, which has no pose
+    track = rng.integers(0, n_tracks, n_obs)
+    for n_glob, n_pose in ((1, 4), (3, 4), (3, 3)):
+        off_track = n_glob + n_pose * n_act
+        n_par = off_track + 2 * n_tracks
+        expected = np.zeros((2 * n_obs + n_glob, n_par), dtype=np.int8)
+        for i in range(n_obs):
+            deps = list(range(n_glob)) + [off_track + 2 * track[i], off_track + 2 * track[i] + 1]
+            if obs_slot[i] >= 0:
+                deps += [n_glob + n_pose * obs_slot[i] + c for c in range(n_pose)]
+            expected[2 * i, deps] = expected[2 * i + 1, deps] = 1
+        for j in range(n_glob):
+            expected[2 * n_obs + j, j] = 1  # the priors
+        got = jacobian_sparsity(obs_slot, track, n_glob, n_pose, off_track, n_par)
+        assert got.dtype == np.int8 and got.has_sorted_indices
+        np.testing.assert_array_equal(got.toarray(), expected)
+
+
+@pytest.mark.parametrize("chunk_points", [1, 7, 64, 100_000])
+def test_radius_components_are_the_groups_of_all_pairs(chunk_points):
+    # stars seen by several frames: tight clumps, some chained, some alone, some doubles
+    rng = np.random.default_rng(4)
+    centres = rng.uniform(0, 300, (60, 2))
+    xy = np.concatenate([c + rng.normal(0, 0.3, (int(rng.integers(1, 12)), 2)) for c in centres])
+    xy = xy[rng.permutation(len(xy))]
+    pairs = cKDTree(xy).query_pairs(r=1.0, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(xy),) * 2)
+    expected_n, expected = connected_components(graph, directed=False)
+    n, label = radius_components(xy, 1.0, chunk_points=chunk_points)
+    assert n == expected_n and 1 < n < len(xy)
+    np.testing.assert_array_equal(label, expected)  # the same numbering, too
+    assert radius_components(np.zeros((0, 2)), 1.0)[0] == 0
 
 
 def test_bundle_adjustment_within_an_observation_budget():

@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-from astropy.table import Table
 
 from nightstack import config as ns_config
 from nightstack import logs, steps
@@ -25,18 +24,13 @@ def _record(frame, status="accepted", reference=False):
             "reference": reference, "H": np.eye(3).tolist(), "zoom": 1.0}
 
 
-def _tables(digests: dict) -> dict:
-    tables = {}
-    for frame, digest in digests.items():
-        table = Table(names=["x"])
-        table.meta["sha256"] = digest
-        tables[frame] = table
-    return tables
+def _metas(digests: dict) -> dict:
+    return {frame: {"sha256": digest} for frame, digest in digests.items()}
 
 
 def test_later_copies_of_a_file_are_rejected_naming_the_first():
     records = [_record("c"), _record("b"), _record("a"), _record("d", status="rejected")]
-    steps._reject_duplicates(records, _tables({"a": "x1", "b": "x2", "c": "x1", "d": "x1"}))
+    steps._reject_duplicates(records, _metas({"a": "x1", "b": "x2", "c": "x1", "d": "x1"}))
     by = {r["frame"]: r for r in records}
     assert by["a"]["status"] == by["b"]["status"] == "accepted"
     assert by["c"]["status"] == "rejected"
@@ -47,7 +41,7 @@ def test_later_copies_of_a_file_are_rejected_naming_the_first():
 
 def test_the_reference_is_the_copy_kept():
     records = [_record("a"), _record("b", reference=True)]
-    steps._reject_duplicates(records, _tables({"a": "same", "b": "same"}))
+    steps._reject_duplicates(records, _metas({"a": "same", "b": "same"}))
     assert records[1]["status"] == "accepted"
     assert records[0]["reason"] == "duplicate of b.fits (identical file content)"
 
