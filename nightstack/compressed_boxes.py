@@ -69,8 +69,8 @@ class CompressedBoxes:
         self.ndim = 3
         self.dtype = np.dtype(np.float32)
         # FITS lists tile sizes x first; the image axes are (C, H, W)
-        self._tile = np.array([int(header.get(f"ZTILE{i}", 1)) for i in (3, 2, 1)])
-        self._n_tiles = -(-np.array(self.shape) // self._tile)
+        self._tile = tuple(int(header.get(f"ZTILE{i}", 1)) for i in (3, 2, 1))
+        self._n_tiles = tuple(-(-n // t) for n, t in zip(self.shape, self._tile))
         self._blocksize = int(_compression_setting(header, "BLOCKSIZE", 32))
         self._bytepix = int(_compression_setting(header, "BYTEPIX", 4))
         self._dither = DITHER_METHODS[header.get("ZQUANTIZ", "NO_DITHER")]
@@ -114,7 +114,7 @@ class CompressedBoxes:
         if self._columns is None:
             self._load_columns()
         (c0, c1), (y0, y1), (x0, x1) = bounds
-        tc_n, ty_n, tx_n = (int(n) for n in self._tile)
+        tc_n, ty_n, tx_n = self._tile
         out = np.empty((c1 - c0, y1 - y0, x1 - x0), dtype=np.float32)
         for tc in range(c0 // tc_n, (c1 - 1) // tc_n + 1):
             for ty in range(y0 // ty_n, (y1 - 1) // ty_n + 1):
