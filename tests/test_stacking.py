@@ -1,5 +1,6 @@
 """Stack step: warp accuracy, combine methods, tiling, coverage, weights."""
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from nightstack.camera import (
 )
 from nightstack.errors import FrameError, NightstackError
 from nightstack.io import OpenFrames, open_fits_data, write_fits_image
+from nightstack.logs import Progress
 from nightstack.stacking import (
     FrameWarp,
     StackConfig,
@@ -303,6 +305,23 @@ def test_tiled_stack_equals_untiled_computation(small_night, method, interpolati
     expected, expected_cov = untiled_stack(warps, shape, cfg, weights)
     np.testing.assert_array_equal(image, expected)
     np.testing.assert_array_equal(coverage, expected_cov)
+
+
+def test_stack_progress_counts_the_tiles(small_night, caplog):
+    # a long stack step logs "i/n tiles" about every 10 %, n known once the tiles are planned
+    warps, shape = small_night
+    progress = Progress("stacking night test, tiles", 1)
+    with caplog.at_level(logging.INFO, logger="nightstack"):
+        log = logging.getLogger("nightstack")
+        log.propagate, was = True, log.propagate
+        try:
+            _, _, info = stack_frames(warps, shape, StackConfig(memory_mb=1), progress=progress)
+        finally:
+            log.propagate = was
+    assert progress.total == info["n_tiles"] >= 12 and progress.done == info["n_tiles"]
+    lines = [r.getMessage() for r in caplog.records if "tiles" in r.getMessage()]
+    assert lines[-1] == f"stacking night test, tiles: {info['n_tiles']}/{info['n_tiles']} (100%)"
+    assert 5 <= len(lines) <= 11
 
 
 @pytest.mark.parametrize("method", ["winsorized", "mean"])
