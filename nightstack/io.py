@@ -266,6 +266,11 @@ def _descriptor_room() -> int:
     return MAX_OPEN_FRAMES if soft == resource.RLIM_INFINITY else max(0, soft - 64)
 
 
+def open_frames_limit() -> int:
+    """How many frames a process may hold open: MAX_OPEN_FRAMES, within the descriptor limit."""
+    return min(MAX_OPEN_FRAMES, _descriptor_room())
+
+
 class OpenFrames:
     """FITS frames held open across many partial reads (the stack's tiles).
 
@@ -279,7 +284,7 @@ class OpenFrames:
     """
 
     def __init__(self, max_open: int | None = None):
-        self.max_open = min(MAX_OPEN_FRAMES, _descriptor_room()) if max_open is None else max_open
+        self.max_open = open_frames_limit() if max_open is None else max_open
         self._held: dict[str, tuple] = {}
 
     @contextlib.contextmanager

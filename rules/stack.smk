@@ -14,7 +14,7 @@ rule stack:
     threads: 2
     resources:
         mem_mb=stack_mem_mb,
-        runtime=120,
+        runtime=stack_runtime_min,
     params:
         stacking=config["stacking"],
         landscape=landscape_params(),
