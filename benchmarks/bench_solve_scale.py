@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -143,6 +142,7 @@ def main(argv=None) -> int:
         return 0
 
     import yaml
+    from bench_pipeline import run_timed  # /usr/bin/time -v, as the pipeline table
 
     from nightstack.steps import reference_step
 
@@ -169,21 +169,17 @@ def main(argv=None) -> int:
             "log": str(work / "solve.log")}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--worker", str(spec_path)]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    solve_s = time.perf_counter() - start
-    if done.returncode != 0:
-        print(done.stderr[-3000:], file=sys.stderr)
-        return done.returncode
-    peak_kb = next(int(line.split(":")[1]) for line in done.stderr.splitlines()
-                   if "Maximum resident set size" in line)
+    cmd = [sys.executable, __file__, "--worker", str(spec_path)]
+    run = run_timed(cmd, REPO, work / "worker.log")
+    if run["returncode"] != 0:
+        print((work / "worker.log").read_text()[-3000:], file=sys.stderr)
+        return run["returncode"]
     solution = json.loads((work / "solution.json").read_text())
     ref_index = frames.index(solution["reference"])
     errors = pose_errors_px(solution, cameras, rotations, ref_index)
     result = {
         "frames": args.frames, "size": args.size, "stars_per_frame": args.stars,
-        "solve_s": round(solve_s, 1), "solve_peak_mb": round(peak_kb / 1024, 1),
+        "solve_s": round(run["wall_s"], 1), "solve_peak_mb": round(run["peak_rss_mb"] or 0, 1),
         "accepted": solution["n_accepted"], "bundle": solution["bundle"],
         "pose_error_px": {"median": round(float(np.median(errors)), 4),
                           "max": round(float(np.max(errors)), 4)} if len(errors) else None,

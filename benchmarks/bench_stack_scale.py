@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,14 +39,14 @@ def replicate(night_dir: Path, work: Path, n_frames: int) -> dict:
     solution = json.loads((night_dir / "solution.json").read_text())
     accepted = [r for r in solution["frames"] if r["status"] == "accepted"]
     reference = solution["reference"]
+    reference_record = next(r for r in accepted if r["frame"] == reference)
     frames_dir = work / "calibrated"
     frames_dir.mkdir(parents=True, exist_ok=True)
     records, calibrated, catalogs = [], {}, {}
     for i in range(n_frames):
-        source = accepted[i % len(accepted)]
+        # the first is the reference itself, the others cycle through the accepted frames
+        source = reference_record if i == 0 else accepted[i % len(accepted)]
         frame = reference if i == 0 else f"copy{i:04d}_{source['frame']}"
-        if i == 0:
-            source = next(r for r in accepted if r["frame"] == reference)
         target = frames_dir / f"{frame}.fits"
         if not target.exists():
             shutil.copyfile(night_dir / "calibrated" / f"{source['frame']}.fits", target)
@@ -75,13 +74,6 @@ def stack_in_process(spec_path: str) -> None:
              threads=2, log_path=spec["log"], reuse_memory=True, job_threads=2)
 
 
-def peak_rss_mb(time_output: str) -> float | None:
-    for line in time_output.splitlines():
-        if "Maximum resident set size" in line:
-            return int(line.split(":")[1]) / 1024
-    return None
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("night_dir", type=Path, help="results/<night> of a finished run")
@@ -96,7 +88,7 @@ def main(argv=None) -> int:
         return 0
 
     import yaml
-    from bench_pipeline import read_once_s  # the same figure as the pipeline table's
+    from bench_pipeline import read_once_s, run_timed  # the pipeline table's figures
 
     work = args.work / f"{args.night_dir.name}_{args.frames}"
     start = time.perf_counter()
@@ -107,25 +99,21 @@ def main(argv=None) -> int:
             "output": str(work / f"stack_{args.reader}.fits"), "log": str(work / "stack.log")}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    cmd = ["/usr/bin/time", "-v", sys.executable, __file__, str(args.night_dir), "--worker",
-           str(spec_path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    stack_s = time.perf_counter() - start
-    if done.returncode != 0:
-        print(done.stderr[-3000:], file=sys.stderr)
-        return done.returncode
+    cmd = [sys.executable, __file__, str(args.night_dir), "--worker", str(spec_path)]
+    run = run_timed(cmd, REPO, work / "worker.log")
+    if run["returncode"] != 0:
+        print((work / "worker.log").read_text()[-3000:], file=sys.stderr)
+        return run["returncode"]
     info = json.loads(Path(spec["output"]).with_suffix(".json").read_text())["info"]
     read_s = read_once_s([Path(p) for p in inputs["calibrated"].values()])
     frame_bytes = sum(os.path.getsize(p) for p in set(inputs["calibrated"].values()))
     result = {
         "frames": args.frames,
         "reader": args.reader,
-        "stack_s": round(stack_s, 1),
-        "peak_rss_mb": round(peak_rss_mb(done.stderr) or 0, 1),
+        "stack_s": round(run["wall_s"], 1),
+        "peak_rss_mb": round(run["peak_rss_mb"] or 0, 1),
         "read_once_s": round(read_s, 1),
-        "stack_over_read": round(stack_s / read_s, 2),
+        "stack_over_read": round(run["wall_s"] / read_s, 2),
         "calibrated_gb": round(frame_bytes / 1e9, 2),
         "copy_s": round(copy_s, 1),
         "n_tiles": info["n_tiles"],

@@ -16,21 +16,11 @@ import numpy as np
 try:  # astropy's tile codecs (astropy >= 5.3); without them every read uses the section
     from astropy.io.fits.hdu.compressed._codecs import Rice1
     from astropy.io.fits.hdu.compressed._quantization import DITHER_METHODS, Quantize
+    from astropy.io.fits.hdu.compressed._tiled_compression import _header_to_settings
 except ImportError:  # pragma: no cover - depends on the installed astropy
-    Rice1 = Quantize = DITHER_METHODS = None
+    Rice1 = Quantize = DITHER_METHODS = _header_to_settings = None
 
 RICE_TYPES = ("RICE_1", "RICE_ONE")
-
-
-def _compression_setting(header: dict, name: str, default):
-    """Value of the ZNAMEi/ZVALi pair called ``name`` in a compressed table header."""
-    for i in range(1, 1000):
-        key = header.get(f"ZNAME{i}")
-        if key is None:
-            break
-        if str(key).upper() == name:
-            return header[f"ZVAL{i}"]
-    return default
 
 
 def supports(hdu) -> bool:
@@ -71,8 +61,7 @@ class CompressedBoxes:
         # FITS lists tile sizes x first; the image axes are (C, H, W)
         self._tile = tuple(int(header.get(f"ZTILE{i}", 1)) for i in (3, 2, 1))
         self._n_tiles = tuple(-(-n // t) for n, t in zip(self.shape, self._tile))
-        self._blocksize = int(_compression_setting(header, "BLOCKSIZE", 32))
-        self._bytepix = int(_compression_setting(header, "BYTEPIX", 4))
+        self._rice = _header_to_settings(header)  # blocksize, bytepix (astropy's defaults)
         self._dither = DITHER_METHODS[header.get("ZQUANTIZ", "NO_DITHER")]
         self._dither_seed = int(header.get("ZDITHER0", 0))
         self._blank = header.get("ZBLANK", hdu.header.get("BLANK"))
@@ -141,7 +130,7 @@ class CompressedBoxes:
             return None
         offset = int(self._columns["offset"][row])
         n_values = tile_shape[0] * tile_shape[1] * tile_shape[2]
-        codec = Rice1(blocksize=self._blocksize, bytepix=self._bytepix, tilesize=n_values)
+        codec = Rice1(**self._rice, tilesize=n_values)
         quantised = codec.decode(self._heap[offset:offset + size])[:n_values]
         blank = self._blank
         if self._columns["zblank"] is not None:

@@ -177,7 +177,7 @@ def plan_tiles(n_frames: int, out_shape, memory_mb: float, read_ahead: bool = Fa
                     + WARP_BYTES_PER_PX)
     files_mb = open_frames * OPEN_FRAME_MB
     budget_px = int(max(memory_mb - files_mb, 0) * 2**20 // bytes_per_px)
-    side = math.isqrt(max(budget_px, 0))
+    side = math.isqrt(budget_px)
     over_budget = side < MIN_TILE_PX
     if over_budget:
         tile_h, tile_w = min(height, MIN_TILE_PX), min(width, MIN_TILE_PX)

@@ -628,7 +628,6 @@ def solve_step(night: str, frames: list, catalogs: dict, poses: dict, reference_
         table = read_catalog(catalogs[f])
         metas[f], n_stars[f] = table.meta, len(table)
         star_lists[f] = StarList.from_table(table, min_snr=cfg.min_snr)
-    del table
     records = {f: read_json(poses[f]) for f in frames}
     ref_cam = reference_camera(metas[ref_id], reg_params)
     others = [f for f in frames if f != ref_id]
