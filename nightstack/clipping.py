@@ -98,7 +98,6 @@ def _clip_run(run, n_valid, winsorized, sigma_low, sigma_high, iterations, min_f
     return a, b
 
 
-@njit(cache=True, nogil=True)
 def clipped_mean(values, sorted_values, weights, winsorized, sigma_low, sigma_high, iterations,
                  min_frames):
     """Clip each pixel's stack and average what is kept, in one pass over the pixels.
@@ -116,6 +115,18 @@ def clipped_mean(values, sorted_values, weights, winsorized, sigma_low, sigma_hi
     combined = np.empty(n_pixels, dtype=np.float32)
     n_used = np.zeros(n_pixels, dtype=np.int32)
     rejected = np.zeros((n_frames, n_pixels), dtype=np.bool_)
+    clipped_mean_into(values, sorted_values, weights, winsorized, sigma_low, sigma_high,
+                      iterations, min_frames, combined, n_used, rejected)
+    return combined, n_used, rejected
+
+
+@njit(cache=True, nogil=True)
+def clipped_mean_into(values, sorted_values, weights, winsorized, sigma_low, sigma_high,
+                      iterations, min_frames, combined, n_used, rejected):
+    """clipped_mean writing into the caller's combined (P,), n_used (P,) and rejected (N, P),
+    which may be views of larger arrays (a block of pixels); ``rejected`` must start False.
+    It runs without Python's lock (nogil): blocks of pixels can be combined on several threads."""
+    n_frames, n_pixels = values.shape
     run = np.empty(n_frames, dtype=np.float32)
     dev = np.empty(n_frames, dtype=np.float32)
     for p in range(n_pixels):
@@ -144,4 +155,3 @@ def clipped_mean(values, sorted_values, weights, winsorized, sigma_low, sigma_hi
                 rejected[i, p] = True
         combined[p] = np.float32(num / den) if den > 0 else np.float32(np.nan)
         n_used[p] = used
-    return combined, n_used, rejected

@@ -533,15 +533,14 @@ class LandscapeStack:
         (the same fixed mask in every frame). Values of weight 0 are set to NaN in ``stack``, so
         the registered sky is made of sky alone; the taper makes every frame fade in and out
         smoothly, so the changing set of frames near the ground leaves no seams."""
-        from .stacking import _frame_coordinates, tile_pixel_grid
+        from .stacking import _frame_coordinates
 
         y0, y1, x0, x1 = tile
         height, width = self.sky.shape
         reach = kernel_reach_px(interpolation)
-        grid = tile_pixel_grid(y0, y1, x0, x1)
         out = np.zeros((len(warps), 1, y1 - y0, x1 - x0), dtype=np.float32)
         for i, warp in enumerate(warps):
-            xy, inside = _frame_coordinates(grid, warp, width, height)
+            xy, inside = _frame_coordinates(tile, warp, width, height)
             dist = ndimage.map_coordinates(self._distance, [xy[:, 1], xy[:, 0]], order=1,
                                            mode="nearest")
             taper = np.zeros(inside.shape, dtype=np.float32)

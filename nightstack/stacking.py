@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .camera import Camera, map_ref_to_frame
-from .clipping import clipped_mean
+from .camera import Camera, homography
+from .clipping import clipped_mean_into
 from .errors import FrameError, NightstackError
 from .io import OpenFrames, open_fits_data, open_frames_limit
 from .noise import (
@@ -50,6 +50,7 @@ from .noise import (
     probe_boxes,
 )
 from .settings import settings_from_dict
+from .tile_mapping import camera_terms, map_tile
 
 log = logging.getLogger("nightstack")
 
@@ -68,6 +69,7 @@ WARP_BYTES_PER_PX = 512  # coordinates (float64), read box, Lanczos accumulators
 # a frame held open across tiles (io.OpenFrames): astropy's HDU objects and, for a compressed
 # frame, its tile table (measured 0.22 MB; 500 frames of 24 MP took the stack job to 1.04 GB)
 OPEN_FRAME_MB = 0.25
+MIN_THREAD_BLOCK_PX = 16384  # smaller stacks are clipped on the calling thread
 LANCZOS_A = 3
 
 
@@ -207,38 +209,22 @@ def tile_bounds(plan: TilePlan, height: int, width: int):
 # ---------------------------------------------------------------------------- warping
 
 
-def tile_pixel_grid(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """Reference pixel positions (n, 2) as (x, y) of a tile, row-major."""
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    return np.column_stack([xx.ravel(), yy.ravel()]).astype(np.float64)
+def _frame_coordinates(tile, warp: FrameWarp, width: int, height: int):
+    """Frame pixel positions (n, 2) of the reference pixels of tile (y0, y1, x0, x1), row-major,
+    and a mask (n,) of those inside the frame.
 
-
-def _in_front_of_frame(xy_ref: np.ndarray, warp: FrameWarp) -> np.ndarray:
-    """True where the reference ray points into the frame camera's forward half-space.
-
-    The homography alone cannot tell: a ray behind the camera projects to a plausible pixel.
+    Inside means in front of the frame camera (the homography alone cannot tell: a ray behind
+    the camera projects to a plausible pixel) and between the first and last pixel centres
+    (interpolation never extrapolates); positions of inside points are clamped onto that range
+    to absorb round-off. Mapped pixel by pixel (nightstack.tile_mapping).
     """
-    xy_u = warp.ref_camera.undistort(xy_ref)
-    ray_z_row = np.asarray(warp.rotation, float)[2] @ np.linalg.inv(warp.ref_camera.intrinsic())
-    return xy_u @ ray_z_row[:2] + ray_z_row[2] > 0
-
-
-def _frame_coordinates(xy_ref: np.ndarray, warp: FrameWarp, width: int, height: int):
-    """Frame pixel positions (n, 2) of reference pixels and a mask of those inside the frame.
-
-    Inside means between the first and last pixel centres (interpolation never extrapolates);
-    positions of inside points are clamped onto that range to absorb round-off.
-    """
-    xy = map_ref_to_frame(xy_ref, warp.ref_camera, warp.frame_camera, warp.rotation)
-    tol = COVERAGE_TOLERANCE_PX
-    with np.errstate(invalid="ignore"):
-        inside = (
-            (xy[:, 0] >= -tol)
-            & (xy[:, 0] <= width - 1 + tol)
-            & (xy[:, 1] >= -tol)
-            & (xy[:, 1] <= height - 1 + tol)
-        )
-    inside &= _in_front_of_frame(xy_ref, warp)
+    ref, frame = warp.ref_camera, warp.frame_camera
+    h = homography(ref, frame, warp.rotation)
+    ray_z_row = np.asarray(warp.rotation, float)[2] @ np.linalg.inv(ref.intrinsic())
+    y0, y1, x0, x1 = (int(v) for v in tile)
+    xy, inside = map_tile(y0, y1, x0, x1, np.ascontiguousarray(h, dtype=np.float64),
+                          np.ascontiguousarray(ray_z_row, dtype=np.float64), camera_terms(ref),
+                          camera_terms(frame), int(width), int(height), COVERAGE_TOLERANCE_PX)
     if not inside.all():  # a tile wholly inside the frame (most of them) needs no compaction
         xy = xy[inside]
     np.clip(xy[:, 0], 0, width - 1, out=xy[:, 0])
@@ -416,7 +402,7 @@ def warp_tile(data_memmap, warp: FrameWarp, y0: int, y1: int, x0: int, x1: int,
         raise NightstackError(f"unknown interpolation {interpolation!r}")
     data = data_memmap if data_memmap.ndim == 3 else data_memmap[None]
     n_channels, height, width = data.shape
-    xy, inside = _frame_coordinates(tile_pixel_grid(y0, y1, x0, x1), warp, width, height)
+    xy, inside = _frame_coordinates((y0, y1, x0, x1), warp, width, height)
     if inside.any():
         box, bx0, by0 = _read_box(data, xy, READ_MARGIN_PX)
         values = _interpolate(box, xy, bx0, by0, interpolation)
@@ -498,12 +484,14 @@ def _check_weights(weights, n_frames: int) -> np.ndarray:
     return weights
 
 
-def combine_with_rejection(values, cfg: StackConfig, weights=None, pixel_weights=None):
+def combine_with_rejection(values, cfg: StackConfig, weights=None, pixel_weights=None,
+                           threads: int = 1):
     """Combine a stack along its first axis, also saying which values were rejected.
 
     values: (N, ...) array, NaN = missing. weights: (N,) or None, used by the means.
     pixel_weights: optional (N, ...) >= 0 (broadcast to values), multiplying ``weights`` value
-    by value in the means (rejection statistics stay unweighted).
+    by value in the means (rejection statistics stay unweighted). threads: the clipping
+    methods sort and clip blocks of pixels on that many threads (same result).
     Returns (combined (...) float32, NaN where no value; n_used (...) int32 = values that
     entered the result; rejected (N, ...) bool = finite values that clipping removed).
     """
@@ -518,10 +506,7 @@ def combine_with_rejection(values, cfg: StackConfig, weights=None, pixel_weights
         weights = weights[:, None] * pixel_weights.reshape(n_frames, -1)
     if cfg.method in CLIPPING_METHODS:
         per_value = weights if weights.ndim == 2 else np.broadcast_to(weights[:, None], flat.shape)
-        combined, n_used, rejected = clipped_mean(
-            flat, np.sort(flat, axis=0), per_value, cfg.method == "winsorized",
-            float(cfg.sigma_low), float(cfg.sigma_high), int(cfg.iterations),
-            int(cfg.min_frames_for_clipping))
+        combined, n_used, rejected = _clipped_mean_threaded(flat, per_value, cfg, threads)
         return combined.reshape(pixel_shape), n_used.reshape(pixel_shape), rejected.reshape(values.shape)
     finite = np.isfinite(flat)
     no_rejection = np.zeros_like(finite)
@@ -543,6 +528,33 @@ def combine_with_rejection(values, cfg: StackConfig, weights=None, pixel_weights
         n_used.reshape(pixel_shape),
         rejected.reshape(values.shape),
     )
+
+
+def _clipped_mean_threaded(flat, weights, cfg: StackConfig, threads: int):
+    """clipping.clipped_mean of (N, P) values and weights, its P pixels cut into ``threads``
+    blocks, each sorted and clipped on its own thread (numpy's sort and the kernel release the
+    GIL): (combined (P,), n_used (P,), rejected (N, P)), the same as in one block."""
+    n_frames, n_pixels = flat.shape
+    combined = np.empty(n_pixels, dtype=np.float32)
+    n_used = np.zeros(n_pixels, dtype=np.int32)
+    rejected = np.zeros((n_frames, n_pixels), dtype=bool)
+    settings = (cfg.method == "winsorized", float(cfg.sigma_low), float(cfg.sigma_high),
+                int(cfg.iterations), int(cfg.min_frames_for_clipping))
+
+    def clip_block(block: slice) -> None:
+        values = flat[:, block]
+        clipped_mean_into(values, np.sort(values, axis=0), weights[:, block], *settings,
+                          combined[block], n_used[block], rejected[:, block])
+
+    n_blocks = max(1, min(int(threads), n_pixels // MIN_THREAD_BLOCK_PX))
+    edges = np.linspace(0, n_pixels, n_blocks + 1).astype(int)
+    blocks = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    if n_blocks == 1:
+        clip_block(blocks[0])
+    else:
+        with ThreadPoolExecutor(n_blocks, thread_name_prefix="clip") as pool:
+            list(pool.map(clip_block, blocks))  # list(): a block's exception is raised here
+    return combined, n_used, rejected
 
 
 def combine(values, cfg: StackConfig, weights=None):
@@ -782,7 +794,7 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
         ref_tile = (y0 + oy, y1 + oy, x0 + ox, x1 + ox)  # the tile in reference pixels
         sky_weights = None if landscape is None else landscape.sky_weights(
             stack, warps, ref_tile, cfg.interpolation)
-        combined, _, rejected = combine_with_rejection(stack, cfg, weights, sky_weights)
+        combined, _, rejected = combine_with_rejection(stack, cfg, weights, sky_weights, threads)
         rejected_count += rejected.reshape(n_frames, -1).sum(axis=1)
         joined = combined if landscape is None else landscape.join_ground(
             combined, warps, ref_tile, cfg, weights)

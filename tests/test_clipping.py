@@ -186,3 +186,16 @@ def test_kernel_rejects_the_outlier_siril_would():
     combined, n_used, rejected = combine_with_rejection(column[:, None], StackConfig(method="winsorized"))
     assert rejected[:, 0].tolist() == [False] * 10 + [True]
     assert n_used[0] == 10 and combined[0] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("method", ["sigma", "winsorized"])
+def test_blocks_on_threads_combine_as_one_block(method):
+    # three blocks of 20k pixels, each sorted and clipped on its own thread
+    values = random_stack(16, 60_000, seed=5)
+    weights = np.random.default_rng(5).uniform(0.5, 2.0, 16)
+    one = combine_with_rejection(values, StackConfig(method=method), weights)
+    three = combine_with_rejection(values, StackConfig(method=method), weights, threads=3)
+    assert stacking.MIN_THREAD_BLOCK_PX * 3 <= values.shape[1]
+    for a, b in zip(one, three):
+        np.testing.assert_array_equal(a, b)
+    assert one[2].any()  # real rejections were compared

@@ -549,3 +549,37 @@ def test_nan_pixels_in_a_frame_stay_local(tmp_path):
         assert 1 <= missing.sum() <= 64, missing.sum()
         assert missing[16:25, 26:35].sum() == missing.sum()  # all near frame pixel (40, 30)
         np.testing.assert_allclose(tile[10:-10, 10:-10][~missing], 5.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("k1, k2, rotvec", [
+    (0.0, 0.0, [0.002, -0.001, 0.02]),
+    (-0.08, 0.02, [0.01, -0.02, 0.3]),
+    (0.0, 0.0, [0.0, 1.2, 0.0]),  # a wide lens turned 69 degrees: rays behind the frame camera
+])
+def test_tile_mapping_equals_the_camera_model(k1, k2, rotvec):
+    # the compiled per-pixel mapping gives the camera module's positions bit for bit, and
+    # "inside" is: in front of the frame camera and within the frame
+    focal_px = 120.0 if rotvec[1] > 1 else 350.0
+    ref = Camera(400, 300, focal_px, k1, k2)
+    frame_camera = ref.with_focal(focal_px + 2)
+    rotation = rotation_matrix(np.asarray(rotvec))
+    warp = FrameWarp(path="unused.fits", ref_camera=ref, frame_camera=frame_camera,
+                     rotation=rotation, offset=np.zeros(1), scale=np.ones(1),
+                     target_level=np.zeros(1))
+    y0, y1, x0, x1 = 0, 300, 0, 400
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    grid = np.column_stack([xx.ravel(), yy.ravel()]).astype(float)
+    want = map_ref_to_frame(grid, ref, frame_camera, rotation)
+    ray_z = (rotation[2] @ np.linalg.inv(ref.intrinsic())) @ np.column_stack(
+        [ref.undistort(grid), np.ones(len(grid))]).T
+    with np.errstate(invalid="ignore"):
+        want_inside = ((ray_z > 0) & (want[:, 0] >= -1e-3) & (want[:, 0] <= 399.001)
+                       & (want[:, 1] >= -1e-3) & (want[:, 1] <= 299.001))
+    xy, inside = stacking._frame_coordinates((y0, y1, x0, x1), warp, 400, 300)
+    np.testing.assert_array_equal(inside, want_inside)
+    assert 0 < inside.sum()
+    np.testing.assert_array_equal(xy, np.clip(want[want_inside], 0, [399, 299]))
+    if rotvec[1] > 1:  # behind the camera, the homography still gives pixels inside the frame
+        behind = ((ray_z <= 0) & (want[:, 0] >= 0) & (want[:, 0] <= 399) & (want[:, 1] >= 0)
+                  & (want[:, 1] <= 299))
+        assert behind.sum() > 10_000 and not inside[behind].any()
