@@ -304,6 +304,24 @@ def _disk(radius_px: int) -> np.ndarray:
 
 def _point_source_mask(img, grid: _PatchGrid, cfg: BackgroundConfig) -> np.ndarray:
     """Per-patch sigma clipping of pixels above the patch plane, then dilation: (H, W) bool."""
+    mask = np.empty(img.shape, dtype=bool)
+    # a row of patches at a time: each patch is clipped on its own, and the temporaries are
+    # a row's (a 24 MP frame's were 400 MB, the peak of the outputs job)
+    for y0 in range(0, grid.height, grid.py):
+        band = img[y0:y0 + grid.py]
+        band_grid = _PatchGrid(band.shape[0], grid.width, 1, grid.nx, grid.py, grid.px)
+        mask[y0:y0 + grid.py] = _point_source_band(band, band_grid, cfg)
+    if cfg.dilate_px > 0:
+        # At 2 sigma about 2 % of pure sky pixels are flagged; growing each of them would mask
+        # half the sky. Only connected groups (real stars have FWHM >= 2 px) get halos grown.
+        grouped = mask & _any_neighbour(mask)
+        mask |= dilate_disk(grouped, cfg.dilate_px)
+    return mask
+
+
+def _point_source_band(img, grid: _PatchGrid, cfg: BackgroundConfig) -> np.ndarray:
+    """Star flags (h, w) bool of a band of patches: each patch's plane is fitted to its pixels
+    in use, those more than star_sigma residual sigmas above it flagged, mask_iterations times."""
     blocks = grid.blocks(img, np.nan)
     valid = np.isfinite(blocks)
     all_valid = bool(valid.all())  # padding aside, calibrated frames rarely have a NaN
@@ -326,13 +344,7 @@ def _point_source_mask(img, grid: _PatchGrid, cfg: BackgroundConfig) -> np.ndarr
             star &= valid
         del resid
         use = ~star if all_valid else valid & ~star
-    mask = grid.unblock(star)
-    if cfg.dilate_px > 0:
-        # At 2 sigma about 2 % of pure sky pixels are flagged; growing each of them would mask
-        # half the sky. Only connected groups (real stars have FWHM >= 2 px) get halos grown.
-        grouped = mask & _any_neighbour(mask)
-        mask |= dilate_disk(grouped, cfg.dilate_px)
-    return mask
+    return grid.unblock(star)
 
 
 def _shifted_or(out: np.ndarray, mask: np.ndarray, dy: int, dx: int) -> None:
@@ -437,15 +449,31 @@ def _unbin(mask, factor: int, shape) -> np.ndarray:
 
 def _patch_planes(img, grid: _PatchGrid, mask, cfg: BackgroundConfig) -> np.ndarray:
     """Fitted plane of every patch over its sky pixels (mask False), holes filled: (ny, nx, 3)."""
-    blocks = grid.blocks(img, np.nan)  # a copy of the image: it is zeroed where unused
-    use = grid.blocks(~mask, False) & np.isfinite(blocks)
-    np.copyto(blocks, 0, where=~use)
-    coef, ok = _fit_planes(blocks, use, cfg.min_background_fraction, zero_where_unused=True)
+    fits = [_band_planes(img, mask, grid, y0, cfg.min_background_fraction)
+            for y0 in range(0, grid.height, grid.py)]
+    coef, ok = (np.concatenate(parts) for parts in zip(*fits))
     if not ok.any():
         # Too crowded for the fraction rule everywhere: use whatever sky there is.
-        coef, ok = _fit_planes(blocks, use, 0.0, zero_where_unused=True)
-        ok &= use.any(axis=(2, 3))
+        fits = [_band_planes(img, mask, grid, y0, 0.0, any_sky=True)
+                for y0 in range(0, grid.height, grid.py)]
+        coef, ok = (np.concatenate(parts) for parts in zip(*fits))
     return _fill_from_neighbours(coef, ok, grid)
+
+
+def _band_planes(img, mask, grid: _PatchGrid, y0: int, min_fraction: float,
+                 any_sky: bool = False):
+    """_fit_planes of the row of patches starting at image row y0 (a row at a time, so the
+    temporaries are a row's, not the frame's): (coef (1, nx, 3), ok (1, nx)); ``any_sky``:
+    ok only where a patch has a sky pixel at all."""
+    band = img[y0:y0 + grid.py]
+    band_grid = _PatchGrid(band.shape[0], grid.width, 1, grid.nx, grid.py, grid.px)
+    blocks = band_grid.blocks(band, np.nan)  # a copy: it is zeroed where unused
+    use = band_grid.blocks(~mask[y0:y0 + grid.py], False) & np.isfinite(blocks)
+    np.copyto(blocks, 0, where=~use)
+    coef, ok = _fit_planes(blocks, use, min_fraction, zero_where_unused=True)
+    if any_sky:
+        ok &= use.any(axis=(2, 3))
+    return coef, ok
 
 
 def _robust_patch_planes(img, grid: _PatchGrid, mask, cfg: BackgroundConfig) -> np.ndarray:
@@ -514,7 +542,7 @@ def fit_background(image2d, cfg: BackgroundConfig | None = None, mask=None,
 
 
 def remove_background(image, cfg: BackgroundConfig | None = None, keep_level: bool = True,
-                      not_sky=None, in_place: bool = False):
+                      not_sky=None, in_place: bool = False, model_reducer=None):
     """Subtract the light-pollution model from each channel separately.
 
     image: (H, W) or (C, H, W) float, linear. Each channel gets its own model so a coloured glow
@@ -523,8 +551,12 @@ def remove_background(image, cfg: BackgroundConfig | None = None, keep_level: bo
     positive pedestal and noise statistics stay meaningful. ``not_sky``: optional (H, W) bool,
     True where the model must not be fitted (a landscape's ground); the model there is carried
     over smoothly from the sky and subtracted like everywhere else. ``in_place``: a float32
-    ``image`` is corrected in its own memory (saves a copy of the frame).
-    Returns (corrected, model), both float32 with the input's shape.
+    ``image`` is corrected in its own memory (saves a copy of the frame). ``model_reducer``:
+    optional function of one channel's model ((H, W) float32, reused for the next channel) to
+    a smaller array, e.g. a binned model (nightstack.outputs.bin_model); the model returned is
+    then the stack of its results and the full-size model never exists (a 24 MP colour
+    frame's is 288 MB). Returns (corrected, model), float32, the input's shape (the model
+    reduced when asked).
     """
     cfg = cfg or BackgroundConfig()
     img = np.asarray(image, dtype=np.float32)
@@ -539,15 +571,25 @@ def remove_background(image, cfg: BackgroundConfig | None = None, keep_level: bo
     if not_sky is not None:
         mask = mask | np.asarray(not_sky, dtype=bool)
     del luminance
-    model = np.empty(channels.shape, dtype=np.float32)
-    for model_channel, channel in zip(model, channels):
-        fit_background(channel, cfg, mask=mask, out=model_channel)
-    del mask
     corrected = channels if in_place and channels.dtype == np.float32 else channels.copy()
-    corrected -= model
-    if keep_level:  # channel by channel: the median's partition copy is one channel, not three
-        for corrected_channel, model_channel in zip(corrected, model):
+    if model_reducer is None:
+        model = np.empty(channels.shape, dtype=np.float32)
+        models = iter(model)
+    else:  # one full-size channel, reused
+        reduced, buffer = [], np.empty(channels.shape[1:], dtype=np.float32)
+    # each channel's fit reads only that channel (and the shared mask), so it is corrected
+    # as soon as its model is made
+    for k, corrected_channel in enumerate(corrected):
+        model_channel = next(models) if model_reducer is None else buffer
+        fit_background(channels[k], cfg, mask=mask, out=model_channel)
+        corrected_channel -= model_channel
+        if keep_level:
             corrected_channel += np.median(model_channel)
+        if model_reducer is not None:
+            reduced.append(np.asarray(model_reducer(model_channel)))
+    del mask
+    if model_reducer is not None:
+        model = np.stack(reduced)
     if img.ndim == 2:
         return corrected[0], model[0]
     return corrected, model

@@ -49,7 +49,8 @@ def _interleaved(channels, shape, dtype, scale: float) -> np.ndarray:
     for k, channel in enumerate(channels):
         channel *= scale
         np.rint(channel, out=channel)
-        planes[..., k] = channel
+        np.copyto(planes[..., k], channel, casting="unsafe")  # cast in small buffers
+        del channel  # before the next channel is made: one float channel at a time
     return out
 
 
@@ -200,7 +201,7 @@ def bin_image(image, max_side_px: int = MODEL_MAX_SIDE_PX):
     if int(max_side_px) < 1:
         raise NightstackError(f"bin_image: max_side_px must be >= 1, got {max_side_px}")
     height, width = img.shape[-2:]
-    factor = max(1, -(-max(height, width) // int(max_side_px)))
+    factor = bin_factor(height, width, max_side_px)
     starts_y, starts_x = np.arange(0, height, factor), np.arange(0, width, factor)
     # sums along rows first, in the image's own float type: contiguous, 5x faster than
     # starting across rows, and a float64 reduceat would first copy the whole image
@@ -210,16 +211,32 @@ def bin_image(image, max_side_px: int = MODEL_MAX_SIDE_PX):
     return (sums / counts).astype(np.float32), factor
 
 
+def bin_factor(height: int, width: int, max_side_px: int = MODEL_MAX_SIDE_PX) -> int:
+    """The block side of ``bin_image`` for an image of height x width px."""
+    return max(1, -(-max(int(height), int(width)) // int(max_side_px)))
+
+
+def bin_model(channel) -> np.ndarray:
+    """One channel's light-pollution model (H, W) binned as the saved models are (``bin_image``
+    with MODEL_MAX_SIDE_PX): a background.remove_background ``model_reducer``."""
+    return bin_image(channel)[0]
+
+
 def write_background_model(path, model, removed: bool, night=None,
-                           max_side_px: int = MODEL_MAX_SIDE_PX) -> None:
+                           max_side_px: int = MODEL_MAX_SIDE_PX, stack_shape=None) -> None:
     """Save the stack's light-pollution model (C, H, W) or (H, W), in ADU, binned to at most
-    ``max_side_px`` on the long side (see ``bin_image``), as float32 FITS.
+    ``max_side_px`` on the long side (see ``bin_image``), as float32 FITS. With
+    ``stack_shape`` = (H, W) of the stack, ``model`` is already binned from it (``bin_model``).
 
     Cards: BUNIT, BINFACT (stack pixels per model pixel), STACKW/STACKH (stack size, px),
     BGREMOVD (True if the model was subtracted from stack.fits), NIGHT, CHANNELS ("R,G,B" or "L").
     """
-    binned, factor = bin_image(model, max_side_px)
-    height, width = np.shape(model)[-2:]
+    if stack_shape is None:
+        binned, factor = bin_image(model, max_side_px)
+        height, width = np.shape(model)[-2:]
+    else:
+        height, width = (int(v) for v in stack_shape)
+        binned, factor = np.asarray(model, np.float32), bin_factor(height, width, max_side_px)
     hdr = fits.Header()
     hdr["SOFTWARE"] = ("nightstack", "software that made this model")
     hdr["NSVER"] = (__version__, "nightstack version")

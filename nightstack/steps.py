@@ -207,6 +207,8 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
             header[card] = header_text(value) if isinstance(value, str) else value
     extra = []
     if background_params.get("before_stars", True):
+        from .outputs import bin_image, bin_model
+
         try:
             found = frame_sky(luminance(data), landscape_config_from_dict(landscape_params))
         except NightstackError as exc:  # a mask of another size: the sky_mask rule stops on it
@@ -214,18 +216,19 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
             found = None
         header["GNDFRAC"] = 0.0 if found is None else round(float(1 - found[0].mean()), 6)
         bg_cfg = background_config_from_dict(_bg_only(background_params))
-        if found is None:
-            data, model = remove_background(data, bg_cfg, in_place=True)
+        if found is None:  # the model binned channel by channel: no full-size copy
+            data, binned = remove_background(data, bg_cfg, in_place=True, model_reducer=bin_model)
         else:  # fitted on the sky, applied to the sky only
             channels = data if data.ndim == 3 else data[None]
             _, model = remove_background(channels, bg_cfg, not_sky=~found[0])
             model = sky_model_only(model, found[1])
             level = np.median(model.reshape(len(model), -1), axis=1)[:, None, None]
             data = (channels - model + level).astype(np.float32).reshape(data.shape)
-            model = model.reshape(data.shape)
+            binned = bin_image(model.reshape(data.shape))[0]
+            del model
             cal.notes.append(f"ground ({100 * (1 - found[0].mean()):.1f} %) kept out of the gradient")
         cal.notes.append("light-pollution gradient removed")
-        extra.append(light_pollution_hdu(model))
+        extra.append(light_pollution_hdu(binned, data.shape[-2:]))
     from astropy.io import fits
 
     hdr = fits.Header()
@@ -238,19 +241,20 @@ def calibrate_step(light, output, masters: dict, calib_params: dict, background_
     log.info("calibrated %s: %s", source, "; ".join(cal.notes) or "no calibration frames")
 
 
-def light_pollution_hdu(model):
-    """The frame's light-pollution model (ADU), binned small, as the LPMODEL extension: the
-    report shows the night's real glow from it (the stack's own model is only what is left)."""
+def light_pollution_hdu(binned, frame_shape):
+    """The frame's light-pollution model (ADU), binned small (outputs.bin_model) from a frame
+    of ``frame_shape`` (H, W), as the LPMODEL extension: the report shows the night's real
+    glow from it (the stack's own model is only what is left)."""
     from astropy.io import fits
 
-    from .outputs import bin_image
+    from .outputs import bin_factor
 
-    binned, factor = bin_image(model)
-    hdu = fits.ImageHDU(binned, name=LP_MODEL_HDU)
+    height, width = (int(v) for v in frame_shape)
+    hdu = fits.ImageHDU(np.asarray(binned, np.float32), name=LP_MODEL_HDU)
     hdu.header["BUNIT"] = "adu"
-    hdu.header["BINFACT"] = (factor, "frame pixels per model pixel, each axis")
-    hdu.header["STACKW"] = (int(model.shape[-1]), "frame width (px)")
-    hdu.header["STACKH"] = (int(model.shape[-2]), "frame height (px)")
+    hdu.header["BINFACT"] = (bin_factor(height, width), "frame pixels per model pixel, each axis")
+    hdu.header["STACKW"] = (width, "frame width (px)")
+    hdu.header["STACKH"] = (height, "frame height (px)")
     hdu.header["BGREMOVD"] = (True, "model subtracted before star detection")
     return hdu
 
@@ -872,6 +876,7 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
     from .outputs import (
         frame_names_from_header,
         stack_header,
+        bin_model,
         write_background_model,
         write_preview_png,
         write_stack_fits,
@@ -894,14 +899,16 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
         # the subtraction (nightstack.background)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # uncovered
+            # a 24 MP colour stack is 290 MB: corrected in place, the model binned as it is made
             corrected, model = remove_background(
                 image, background_config_from_dict(_bg_only(background_params)), not_sky=ground,
-                in_place=remove)  # a 24 MP colour stack is 290 MB: no second copy
+                in_place=remove, model_reducer=bin_model)
         if remove:
             image = corrected
         del corrected
         if out_model:
-            write_background_model(out_model, model, removed=remove, night=text["NIGHT"])
+            write_background_model(out_model, model, removed=remove, night=text["NIGHT"],
+                                   stack_shape=image.shape[-2:])
         del model
     meta = {
         "software_version": SOFTWARE,

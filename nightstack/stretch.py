@@ -13,6 +13,9 @@ import numpy as np
 from .errors import NightstackError
 
 MAD_TO_SIGMA = 1.4826  # MAD of a Gaussian times this = its standard deviation
+LINEAR_LOW_QUANTILE = 0.001  # the linear TIFF's black point
+LOW_TAIL_SAMPLE = 1_000_000  # values sampled to bound the low tail (_low_quantile)
+LOW_TAIL_MARGIN = 4  # the bound is the sample's quantile at this many times q
 
 
 def midtones_transfer(x, m, out=None) -> np.ndarray:
@@ -135,7 +138,8 @@ def autostretch_channels(
     def stretched(k):
         med, mad = stats[k]
         channel = _stf_channel(normalised(chans[k]), med, mad, shadows_clip_mad, target_median)
-        return np.nan_to_num(channel.astype(np.float32, copy=False), copy=False, nan=0.0)
+        channel = channel.astype(np.float32, copy=False)
+        return np.fmax(channel, np.float32(0.0), out=channel)  # in [0, 1]: NaN -> 0 only
 
     return (stretched(k) for k in range(len(chans)))
 
@@ -157,13 +161,17 @@ def linear_limits(image, low=None, high=None) -> tuple[float, float]:
     the maximum of the finite pixels of all channels together; high > low always."""
     img = np.asarray(image, dtype=np.float32)
     if low is None or high is None:
-        flat = img.ravel()
-        finite = flat[np.isfinite(flat)]
-        if finite.size == 0:
+        planes = img.reshape(-1, *img.shape[-2:]) if img.ndim >= 2 else img.reshape(1, 1, -1)
+        n_finite, finite_max = 0, -np.inf
+        for plane in planes:  # a plane at a time: no mask or copy of the whole image
+            finite = np.isfinite(plane)
+            n_finite += int(np.count_nonzero(finite))
+            if finite.any():
+                finite_max = max(finite_max, float(plane.max(where=finite, initial=-np.inf)))
+        if n_finite == 0:
             raise NightstackError("stretch: image has no finite pixels")
-        high = float(finite.max()) if high is None else float(high)
-        low = _quantile_in_place(finite, 0.001) if low is None else float(low)
-        del finite
+        high = finite_max if high is None else float(high)
+        low = _low_quantile(planes, n_finite, LINEAR_LOW_QUANTILE) if low is None else float(low)
     low, high = float(low), float(high)
     if not high > low:
         high = low + 1.0  # a flat image: any non-empty range maps it to 0
@@ -174,15 +182,36 @@ def scale_to_unit(image, low: float, high: float) -> np.ndarray:
     """(image - low) / (high - low) clipped to [0, 1], float32, NaN -> 0 (any shape)."""
     scaled = np.asarray(image, dtype=np.float32) - np.float32(low)  # one float32 copy
     scaled /= np.float32(high - low)
-    np.clip(scaled, 0.0, 1.0, out=scaled)
-    return np.nan_to_num(scaled, copy=False, nan=0.0)
+    # min then fmax: clipped to [0, 1] with NaN -> 0 in two passes and no mask (nan_to_num
+    # builds three: 110 MB on a 24 MP channel)
+    np.minimum(scaled, np.float32(1.0), out=scaled)
+    return np.fmax(scaled, np.float32(0.0), out=scaled)
 
 
-def _quantile_in_place(values: np.ndarray, q: float) -> float:
-    """np.quantile(values, q) (linear interpolation), partitioning ``values`` in place instead of
-    sorting a copy."""
-    position = q * (values.size - 1)
+def _low_quantile(planes: np.ndarray, n_finite: int, q: float) -> float:
+    """np.quantile of the finite values of ``planes`` (P, H, W) at a small ``q``, exactly, from
+    the low tail alone: the values at or below a bound taken from a subsample hold every rank
+    the quantile needs (else, rarely, all finite values are used). A 24 MP colour stack: 1 MB
+    of candidates instead of a 288 MB copy."""
+    flat = planes.reshape(-1)
+    step = max(1, flat.size // LOW_TAIL_SAMPLE)
+    sample = flat[::step]
+    sample = sample[np.isfinite(sample)]
+    above = min(int(np.floor(q * (n_finite - 1))) + 1, n_finite - 1)
+    if sample.size:
+        bound = np.float32(np.quantile(sample, min(1.0, LOW_TAIL_MARGIN * q + 1e-4)))
+        tail = np.concatenate([plane[(plane <= bound) & np.isfinite(plane)] for plane in planes])
+        if tail.size > above:  # the tail holds the values of both ranks the quantile reads
+            return _quantile_ranks(tail, n_finite, q)
+    return _quantile_ranks(flat[np.isfinite(flat)], n_finite, q)
+
+
+def _quantile_ranks(smallest: np.ndarray, n_values: int, q: float) -> float:
+    """np.quantile(values, q) (linear interpolation) of ``n_values`` values, given the
+    smallest of them (at least the ranks the quantile reads); ``smallest`` is partitioned in
+    place."""
+    position = q * (n_values - 1)
     below = int(np.floor(position))
-    above = min(below + 1, values.size - 1)
-    values.partition([below, above])
-    return float(values[below] + (position - below) * (values[above] - values[below]))
+    above = min(below + 1, n_values - 1)
+    smallest.partition([below, above])
+    return float(smallest[below] + (position - below) * (smallest[above] - smallest[below]))

@@ -296,3 +296,53 @@ def test_star_mask_grouping_and_dilation_equal_ndimage(shape):
         np.testing.assert_array_equal(
             dilate_disk(mask, radius_px), ndimage.binary_dilation(mask, structure=_disk(radius_px))
         )
+
+
+def test_model_reduced_channel_by_channel_equals_reducing_the_full_model():
+    # the binned model is made channel by channel (no full-size model in memory); the
+    # corrected image and the binned model are those of the full-size path
+    from nightstack.outputs import bin_image, bin_model
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:300, :420]
+    rgb = np.stack([100 + 0.1 * xx + k * 20 + 0.05 * yy for k in range(3)]).astype(np.float32)
+    rgb += rng.normal(0, NOISE, rgb.shape).astype(np.float32)
+    corrected, model = remove_background(rgb, BackgroundConfig(patch_px=64))
+    corrected2, binned = remove_background(rgb.copy(), BackgroundConfig(patch_px=64),
+                                           in_place=True, model_reducer=bin_model)
+    np.testing.assert_array_equal(corrected2, corrected)
+    np.testing.assert_array_equal(binned, bin_image(model)[0])
+    assert binned.shape == (3, 300 // 2, 420 // 2) and np.ptp(binned[0]) > 30  # a real gradient
+
+
+@pytest.mark.parametrize("sky_columns", [None, 12])
+def test_patch_planes_fitted_a_row_at_a_time_equal_the_whole_frame_fit(sky_columns):
+    # the planes are fitted one row of patches at a time (small temporaries); they must be
+    # the whole-frame fit's, also when the sky is too crowded for the fraction rule
+    # (sky_columns: only that many columns are sky)
+    from nightstack.background import (
+        _fill_from_neighbours,
+        _fit_planes,
+        _patch_grid,
+        _patch_planes,
+    )
+
+    rng = np.random.default_rng(11)
+    yy, xx = np.mgrid[:410, :530]
+    img = (300 + 0.2 * xx - 0.1 * yy + rng.normal(0, NOISE, xx.shape)).astype(np.float32)
+    img[30:60, 40:90] = np.nan
+    mask = np.zeros(img.shape, bool)
+    if sky_columns:
+        mask[:, sky_columns:] = True
+    cfg = BackgroundConfig(patch_px=100)
+    grid = _patch_grid(img.shape, cfg.patch_px)
+    blocks = grid.blocks(img, np.nan)
+    use = grid.blocks(~mask, False) & np.isfinite(blocks)
+    np.copyto(blocks, 0, where=~use)
+    coef, ok = _fit_planes(blocks, use, cfg.min_background_fraction, zero_where_unused=True)
+    assert ok.any() == (sky_columns is None)
+    if not ok.any():
+        coef, ok = _fit_planes(blocks, use, 0.0, zero_where_unused=True)
+        ok &= use.any(axis=(2, 3))
+    want = _fill_from_neighbours(coef, ok, grid)
+    np.testing.assert_array_equal(_patch_planes(img, grid, mask, cfg), want)

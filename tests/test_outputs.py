@@ -234,3 +234,36 @@ def test_background_model_file_is_small_and_keeps_the_gradient(tmp_path):
     # a linear gradient survives block averaging: the first block is centred on pixel (3, 3)
     assert data[0, 0, 0] == pytest.approx(400 + 0.02 * 3 + 0.01 * 3, abs=1e-3)
     assert np.ptp(data[1]) == pytest.approx(0.01 * (1600 - 1 - 4), rel=0.01)
+
+
+@pytest.mark.parametrize("case", ["rgb", "grey_with_nan_and_inf", "bound_too_low", "tiny"])
+def test_linear_limits_equal_quantile_and_max_of_the_finite_values(case, monkeypatch):
+    # the black point comes from the low tail alone (no copy of the image): it must be
+    # np.quantile(finite, 0.001) exactly, and the white point the finite maximum; when the
+    # subsample's bound leaves out ranks the quantile reads, all finite values are used
+    from nightstack import stretch
+
+    candidates = []
+    ranks = stretch._quantile_ranks
+    monkeypatch.setattr(stretch, "_quantile_ranks",
+                        lambda values, n, q: candidates.append(values.size) or ranks(values, n, q))
+    rng = np.random.default_rng(7)
+    if case == "rgb":
+        image = rng.normal(500, 40, (3, 400, 500)).astype(np.float32)
+    elif case == "grey_with_nan_and_inf":
+        image = rng.normal(500, 40, (400, 500)).astype(np.float32)
+        image[rng.random(image.shape) < 0.1] = np.nan
+        image[0, :7] = [np.inf, -np.inf, -1e30, 5e4, np.nan, -np.inf, 3]
+    elif case == "bound_too_low":
+        monkeypatch.setattr(stretch, "LOW_TAIL_MARGIN", 0.2)
+        image = rng.normal(500, 40, (200, 300)).astype(np.float32)
+    else:
+        image = np.array([[3.0, np.nan], [1.0, 2.0]], np.float32)
+    finite = image[np.isfinite(image)]
+    low, high = stretch.linear_limits(image)
+    assert low == float(np.quantile(finite, 0.001))
+    assert high == float(finite.max())
+    if case in ("rgb", "grey_with_nan_and_inf"):
+        assert candidates == [pytest.approx(0.004 * finite.size, rel=0.3)]  # the tail only
+    else:
+        assert candidates == [finite.size]
