@@ -747,7 +747,8 @@ def stack_frames(warps: list[FrameWarp], out_shape, cfg: StackConfig | None = No
     weighted mean of the first n frames in time order, measured on the tiles' own warped
     values in the central region (nightstack.noise), None if that region has no sky).
     threads: with 2 or more, the next tile is read and warped, by that many threads, while one
-    is combined (a second stack buffer, within ``cfg.memory_mb``); the result is the same.
+    is combined, also on that many threads (a second stack buffer, within ``cfg.memory_mb``);
+    the result is the same.
     """
     cfg = cfg or StackConfig()
     validate_stack_config(cfg)
