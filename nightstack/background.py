@@ -115,6 +115,15 @@ class _PatchGrid:
         padded = np.pad(image2d, pad, constant_values=fill)
         return padded.reshape(self.ny, self.py, self.nx, self.px).transpose(0, 2, 1, 3)
 
+    def row_bands(self):
+        """Yield (rows, grid) for each of the ny rows of patches: the slice of image rows it
+        covers and a one-row grid for that band (the last bands may be partial or, when the
+        padding exceeds a patch, empty: all padding, as in the whole grid)."""
+        for j in range(self.ny):
+            y0 = j * self.py
+            height = max(0, min(self.py, self.height - y0))
+            yield slice(y0, y0 + height), _PatchGrid(height, self.width, 1, self.nx, self.py, self.px)
+
     def unblock(self, blocks: np.ndarray) -> np.ndarray:
         """(ny, nx, py, px) -> (H, W), dropping the padding."""
         full = blocks.transpose(0, 2, 1, 3).reshape(self.ny * self.py, self.nx * self.px)
@@ -307,10 +316,8 @@ def _point_source_mask(img, grid: _PatchGrid, cfg: BackgroundConfig) -> np.ndarr
     mask = np.empty(img.shape, dtype=bool)
     # a row of patches at a time: each patch is clipped on its own, and the temporaries are
     # a row's (a 24 MP frame's were 400 MB, the peak of the outputs job)
-    for y0 in range(0, grid.height, grid.py):
-        band = img[y0:y0 + grid.py]
-        band_grid = _PatchGrid(band.shape[0], grid.width, 1, grid.nx, grid.py, grid.px)
-        mask[y0:y0 + grid.py] = _point_source_band(band, band_grid, cfg)
+    for rows, band_grid in grid.row_bands():
+        mask[rows] = _point_source_band(img[rows], band_grid, cfg)
     if cfg.dilate_px > 0:
         # At 2 sigma about 2 % of pure sky pixels are flagged; growing each of them would mask
         # half the sky. Only connected groups (real stars have FWHM >= 2 px) get halos grown.
@@ -449,30 +456,27 @@ def _unbin(mask, factor: int, shape) -> np.ndarray:
 
 def _patch_planes(img, grid: _PatchGrid, mask, cfg: BackgroundConfig) -> np.ndarray:
     """Fitted plane of every patch over its sky pixels (mask False), holes filled: (ny, nx, 3)."""
-    fits = [_band_planes(img, mask, grid, y0, cfg.min_background_fraction)
-            for y0 in range(0, grid.height, grid.py)]
-    coef, ok = (np.concatenate(parts) for parts in zip(*fits))
+    coef, ok = _fit_patch_rows(img, grid, mask, cfg.min_background_fraction)
     if not ok.any():
         # Too crowded for the fraction rule everywhere: use whatever sky there is.
-        fits = [_band_planes(img, mask, grid, y0, 0.0, any_sky=True)
-                for y0 in range(0, grid.height, grid.py)]
-        coef, ok = (np.concatenate(parts) for parts in zip(*fits))
+        coef, ok = _fit_patch_rows(img, grid, mask, 0.0, any_sky=True)
     return _fill_from_neighbours(coef, ok, grid)
 
 
-def _band_planes(img, mask, grid: _PatchGrid, y0: int, min_fraction: float,
-                 any_sky: bool = False):
-    """_fit_planes of the row of patches starting at image row y0 (a row at a time, so the
-    temporaries are a row's, not the frame's): (coef (1, nx, 3), ok (1, nx)); ``any_sky``:
+def _fit_patch_rows(img, grid: _PatchGrid, mask, min_fraction: float, any_sky: bool = False):
+    """_fit_planes of every patch over its sky pixels, a row of patches at a time (so the
+    temporaries are a row's, not the frame's): (coef (ny, nx, 3), ok (ny, nx)); ``any_sky``:
     ok only where a patch has a sky pixel at all."""
-    band = img[y0:y0 + grid.py]
-    band_grid = _PatchGrid(band.shape[0], grid.width, 1, grid.nx, grid.py, grid.px)
-    blocks = band_grid.blocks(band, np.nan)  # a copy: it is zeroed where unused
-    use = band_grid.blocks(~mask[y0:y0 + grid.py], False) & np.isfinite(blocks)
-    np.copyto(blocks, 0, where=~use)
-    coef, ok = _fit_planes(blocks, use, min_fraction, zero_where_unused=True)
-    if any_sky:
-        ok &= use.any(axis=(2, 3))
+    coef = np.empty((grid.ny, grid.nx, 3))
+    ok = np.empty((grid.ny, grid.nx), dtype=bool)
+    for j, (rows, band_grid) in enumerate(grid.row_bands()):
+        blocks = band_grid.blocks(img[rows], np.nan)  # a copy: it is zeroed where unused
+        use = band_grid.blocks(~mask[rows], False) & np.isfinite(blocks)
+        np.copyto(blocks, 0, where=~use)
+        band_coef, band_ok = _fit_planes(blocks, use, min_fraction, zero_where_unused=True)
+        coef[j], ok[j] = band_coef[0], band_ok[0]
+        if any_sky:
+            ok[j] &= use.any(axis=(2, 3))[0]
     return coef, ok
 
 
@@ -572,15 +576,14 @@ def remove_background(image, cfg: BackgroundConfig | None = None, keep_level: bo
         mask = mask | np.asarray(not_sky, dtype=bool)
     del luminance
     corrected = channels if in_place and channels.dtype == np.float32 else channels.copy()
-    if model_reducer is None:
-        model = np.empty(channels.shape, dtype=np.float32)
-        models = iter(model)
-    else:  # one full-size channel, reused
-        reduced, buffer = [], np.empty(channels.shape[1:], dtype=np.float32)
+    # with a reducer, one full-size channel is reused for every channel's model
+    full = np.empty(channels.shape if model_reducer is None else (1, *channels.shape[1:]),
+                    dtype=np.float32)
+    reduced = []
     # each channel's fit reads only that channel (and the shared mask), so it is corrected
     # as soon as its model is made
     for k, corrected_channel in enumerate(corrected):
-        model_channel = next(models) if model_reducer is None else buffer
+        model_channel = full[k if model_reducer is None else 0]
         fit_background(channels[k], cfg, mask=mask, out=model_channel)
         corrected_channel -= model_channel
         if keep_level:
@@ -588,8 +591,7 @@ def remove_background(image, cfg: BackgroundConfig | None = None, keep_level: bo
         if model_reducer is not None:
             reduced.append(np.asarray(model_reducer(model_channel)))
     del mask
-    if model_reducer is not None:
-        model = np.stack(reduced)
+    model = full if model_reducer is None else np.stack(reduced)
     if img.ndim == 2:
         return corrected[0], model[0]
     return corrected, model

@@ -98,8 +98,9 @@ def _clip_run(run, n_valid, winsorized, sigma_low, sigma_high, iterations, min_f
     return a, b
 
 
-def clipped_mean(values, sorted_values, weights, winsorized, sigma_low, sigma_high, iterations,
-                 min_frames):
+@njit(cache=True, nogil=True)
+def clipped_mean_into(values, sorted_values, weights, winsorized, sigma_low, sigma_high,
+                      iterations, min_frames, combined, n_used, rejected):
     """Clip each pixel's stack and average what is kept, in one pass over the pixels.
 
     values: float32 (N, P), finite or NaN (missing); sorted_values: the same sorted along
@@ -108,24 +109,11 @@ def clipped_mean(values, sorted_values, weights, winsorized, sigma_low, sigma_hi
     run of non-missing sorted values is clipped (_clip_run); the kept values are those between
     the run's two end values (thresholds are strict, so no value equal to an end was
     rejected), summed in frame order in float64.
-    Returns combined float32 (P,) (NaN where nothing is kept), n_used int32 (P,), and
-    rejected bool (N, P): values the clipping removed.
+    Writes into the caller's combined float32 (P,) (NaN where nothing is kept), n_used int32
+    (P,) and rejected bool (N, P) (values the clipping removed; must start False), which may
+    be views of larger arrays: it runs without Python's lock (nogil), so blocks of pixels can
+    be combined on several threads.
     """
-    n_frames, n_pixels = values.shape
-    combined = np.empty(n_pixels, dtype=np.float32)
-    n_used = np.zeros(n_pixels, dtype=np.int32)
-    rejected = np.zeros((n_frames, n_pixels), dtype=np.bool_)
-    clipped_mean_into(values, sorted_values, weights, winsorized, sigma_low, sigma_high,
-                      iterations, min_frames, combined, n_used, rejected)
-    return combined, n_used, rejected
-
-
-@njit(cache=True, nogil=True)
-def clipped_mean_into(values, sorted_values, weights, winsorized, sigma_low, sigma_high,
-                      iterations, min_frames, combined, n_used, rejected):
-    """clipped_mean writing into the caller's combined (P,), n_used (P,) and rejected (N, P),
-    which may be views of larger arrays (a block of pixels); ``rejected`` must start False.
-    It runs without Python's lock (nogil): blocks of pixels can be combined on several threads."""
     n_frames, n_pixels = values.shape
     run = np.empty(n_frames, dtype=np.float32)
     dev = np.empty(n_frames, dtype=np.float32)

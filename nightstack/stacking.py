@@ -531,9 +531,9 @@ def combine_with_rejection(values, cfg: StackConfig, weights=None, pixel_weights
 
 
 def _clipped_mean_threaded(flat, weights, cfg: StackConfig, threads: int):
-    """clipping.clipped_mean of (N, P) values and weights, its P pixels cut into ``threads``
-    blocks, each sorted and clipped on its own thread (numpy's sort and the kernel release the
-    GIL): (combined (P,), n_used (P,), rejected (N, P)), the same as in one block."""
+    """clipping.clipped_mean_into of (N, P) values and weights, its P pixels cut into
+    ``threads`` blocks, each sorted and clipped on its own thread (numpy's sort and the kernel
+    release the GIL): (combined (P,), n_used (P,), rejected (N, P)), the same as in one block."""
     n_frames, n_pixels = flat.shape
     combined = np.empty(n_pixels, dtype=np.float32)
     n_used = np.zeros(n_pixels, dtype=np.int32)

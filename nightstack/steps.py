@@ -874,9 +874,9 @@ def outputs_step(stack_linear, out_fits, out_tiff, out_png, background_params: d
 
     from .framing import FRAMING_KEYWORDS
     from .outputs import (
+        bin_model,
         frame_names_from_header,
         stack_header,
-        bin_model,
         write_background_model,
         write_preview_png,
         write_stack_fits,

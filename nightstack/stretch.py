@@ -199,6 +199,7 @@ def _low_quantile(planes: np.ndarray, n_finite: int, q: float) -> float:
     sample = sample[np.isfinite(sample)]
     above = min(int(np.floor(q * (n_finite - 1))) + 1, n_finite - 1)
     if sample.size:
+        # + 1e-4: a few more candidates where q is so small that the margin alone takes none
         bound = np.float32(np.quantile(sample, min(1.0, LOW_TAIL_MARGIN * q + 1e-4)))
         tail = np.concatenate([plane[(plane <= bound) & np.isfinite(plane)] for plane in planes])
         if tail.size > above:  # the tail holds the values of both ranks the quantile reads

@@ -315,11 +315,16 @@ def test_model_reduced_channel_by_channel_equals_reducing_the_full_model():
     assert binned.shape == (3, 300 // 2, 420 // 2) and np.ptp(binned[0]) > 30  # a real gradient
 
 
-@pytest.mark.parametrize("sky_columns", [None, 12])
-def test_patch_planes_fitted_a_row_at_a_time_equal_the_whole_frame_fit(sky_columns):
+@pytest.mark.parametrize("sky_columns, shape, patch_px", [
+    (None, (410, 530), 100),
+    (12, (410, 530), 100),
+    (None, (289, 300), 16),  # 18 rows of 17 px: the last row of patches is all padding
+])
+def test_patch_planes_fitted_a_row_at_a_time_equal_the_whole_frame_fit(sky_columns, shape,
+                                                                         patch_px):
     # the planes are fitted one row of patches at a time (small temporaries); they must be
     # the whole-frame fit's, also when the sky is too crowded for the fraction rule
-    # (sky_columns: only that many columns are sky)
+    # (sky_columns: only that many columns are sky) and when the padding exceeds a patch
     from nightstack.background import (
         _fill_from_neighbours,
         _fit_planes,
@@ -328,13 +333,13 @@ def test_patch_planes_fitted_a_row_at_a_time_equal_the_whole_frame_fit(sky_colum
     )
 
     rng = np.random.default_rng(11)
-    yy, xx = np.mgrid[:410, :530]
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
     img = (300 + 0.2 * xx - 0.1 * yy + rng.normal(0, NOISE, xx.shape)).astype(np.float32)
     img[30:60, 40:90] = np.nan
     mask = np.zeros(img.shape, bool)
     if sky_columns:
         mask[:, sky_columns:] = True
-    cfg = BackgroundConfig(patch_px=100)
+    cfg = BackgroundConfig(patch_px=patch_px)
     grid = _patch_grid(img.shape, cfg.patch_px)
     blocks = grid.blocks(img, np.nan)
     use = grid.blocks(~mask, False) & np.isfinite(blocks)
@@ -346,3 +351,5 @@ def test_patch_planes_fitted_a_row_at_a_time_equal_the_whole_frame_fit(sky_colum
         ok &= use.any(axis=(2, 3))
     want = _fill_from_neighbours(coef, ok, grid)
     np.testing.assert_array_equal(_patch_planes(img, grid, mask, cfg), want)
+    corrected, model = remove_background(img, cfg)
+    assert model.shape == img.shape and np.isfinite(model[np.isfinite(img)]).all()
